@@ -1,0 +1,67 @@
+"""Run coroutines from synchronous code on one background event loop (fsspec's pattern).
+
+A dedicated IO thread owns the loop, so the sync API also works where the caller already runs a loop
+(Jupyter). Calling it from that loop's own thread is refused instead of deadlocking; after ``fork`` the
+child starts a fresh loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_lock = threading.Lock()
+_loop: asyncio.AbstractEventLoop | None = None
+
+
+def _reset_after_fork() -> None:
+    global _loop, _lock
+    _loop, _lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def get_loop() -> asyncio.AbstractEventLoop:
+    """The IO loop, started on first use in a daemon thread."""
+    global _loop
+    with _lock:
+        if _loop is None:
+            loop = asyncio.new_event_loop()
+            thread = threading.Thread(target=loop.run_forever, name="stream_st-io", daemon=True)
+            thread.start()
+            _loop = loop
+        return _loop
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on the IO loop and wait; Ctrl-C cancels it and waits until it has cleaned up."""
+    loop = get_loop()
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        coro.close()
+        raise RuntimeError("stream_st's sync API was called from its own IO loop; use the *_async function")
+    finished = threading.Event()
+
+    async def runner() -> T:
+        try:
+            return await coro
+        finally:
+            finished.set()
+
+    future = asyncio.run_coroutine_threadsafe(runner(), loop)
+    try:
+        return future.result()
+    except BaseException:
+        if not future.done():  # KeyboardInterrupt or similar while waiting: stop the load cleanly
+            future.cancel()
+            finished.wait()
+        raise

@@ -1,0 +1,326 @@
+"""The public loading functions, mirroring ``safetensors.torch``, each with an ``*_async`` twin."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
+from typing import Any
+
+import torch
+
+from ._loop import run_sync
+from .config import Config, resolve
+from .fetch import Engine
+from .header import Header
+from .remote import RemoteFile
+from .select import Selection, select
+from .sinks import HostTensor
+
+logger = logging.getLogger(__name__)
+
+Device = str | int | torch.device
+
+
+@contextlib.asynccontextmanager
+async def open_remote(
+    url: str, config: Config, storage_options: Mapping[str, Any] | None
+) -> AsyncIterator[RemoteFile]:
+    """An engine and one opened file, both closed on exit; logs one summary line per load."""
+    engine = Engine(config)
+    started = time.perf_counter()
+    try:
+        file = await RemoteFile.open(url, engine, storage_options)
+        try:
+            yield file
+        finally:
+            file.close()
+    finally:
+        engine.close()
+        seconds = time.perf_counter() - started
+        stats = engine.stats
+        logger.debug(
+            "%s: %d bytes in %d requests (%d retries), %.3fs, %.2f GB/s",
+            url if "://" not in url else url.split("?")[0], stats.bytes, stats.requests, stats.retries,
+            seconds, stats.bytes / seconds / 1e9 if seconds else 0.0,
+        )
+
+
+async def _with_deadline(config: Config, url: str, coro: Any) -> Any:
+    if config.timeout is None:
+        return await coro
+    try:
+        return await asyncio.wait_for(coro, config.timeout)
+    except TimeoutError:
+        raise TimeoutError(f"{url}: load did not finish within timeout={config.timeout}s") from None
+
+
+def finish(host: HostTensor, device: Device, dtype: torch.dtype | None) -> torch.Tensor:
+    """The typed tensor on ``device``, floating-point tensors cast to ``dtype`` if given."""
+    tensor = host.tensor()
+    target = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    if target.type != "cpu":
+        tensor = tensor.to(target)
+    if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+        tensor = tensor.to(dtype)
+    return tensor
+
+
+async def read_header_async(
+    url: str, *, storage_options: Mapping[str, Any] | None = None, config: Config | None = None, **options: Any
+) -> Header:
+    """Fetch and validate only the header of ``url`` (one ranged GET for ordinary files).
+
+    Returns:
+        The [`Header`]: tensors in file order with dtype, shape and absolute byte spans; metadata; sizes.
+    """
+    cfg = resolve(config, options)
+    async with open_remote(url, cfg, storage_options) as file:
+        return file.header
+
+
+def read_header(
+    url: str, *, storage_options: Mapping[str, Any] | None = None, config: Config | None = None, **options: Any
+) -> Header:
+    """Sync twin of [`read_header_async`]."""
+    return run_sync(read_header_async(url, storage_options=storage_options, config=config, **options))
+
+
+async def load_file_async(
+    url: str,
+    device: Device = "cpu",
+    *,
+    tensors: Selection = None,
+    dtype: torch.dtype | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    config: Config | None = None,
+    **options: Any,
+) -> dict[str, torch.Tensor]:
+    """Load the tensors of a safetensors file at ``url``, fetching only the bytes needed.
+
+    Args:
+        url: any fsspec URL (``https://``, ``s3://``, ``gs://``, ``hf://``, ``memory://``) or a local path.
+        device: where the tensors go (``"cpu"``, ``"cuda:0"``, an int GPU index, a ``torch.device``).
+        tensors: which tensors: None for all, or names, glob patterns, compiled regexes or a predicate.
+        dtype: cast floating-point tensors to this dtype; other tensors keep theirs.
+        storage_options: passed unchanged to fsspec (credentials, endpoints); for http(s), ``headers``.
+        config: a [`Config`]; any of its fields can also be given as a keyword argument.
+
+    Returns:
+        ``dict[name, Tensor]`` in file order, equal bit for bit to ``safetensors.torch.load_file``.
+
+    Raises:
+        HeaderError: the header breaks a format rule or disagrees with the object's size.
+        TensorNotFoundError: a requested name or pattern matches nothing (the closest names are suggested).
+        FetchError: bytes could not be fetched after retries (subclasses say why).
+        FileNotFoundError, PermissionError: from the storage layer, with the URL.
+
+    Example:
+        >>> state = stream_st.load_file("https://host/model.safetensors", tensors=["model.layers.0.*"])
+    """
+    cfg = resolve(config, options)
+
+    async def load() -> dict[str, torch.Tensor]:
+        async with open_remote(url, cfg, storage_options) as file:
+            names = select(file.header.offset_keys(), tensors, url=file.url)
+            hosts = await file.load((name, None) for name in names)
+        return {name: finish(hosts[name], device, dtype) for name in names}
+
+    return await _with_deadline(cfg, url, load())  # type: ignore[no-any-return]
+
+
+def load_file(
+    url: str,
+    device: Device = "cpu",
+    *,
+    tensors: Selection = None,
+    dtype: torch.dtype | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    config: Config | None = None,
+    **options: Any,
+) -> dict[str, torch.Tensor]:
+    """Sync twin of [`load_file_async`]: ``load_file(url, device="cpu", *, tensors=None, dtype=None, ...)``."""
+    return run_sync(
+        load_file_async(
+            url, device, tensors=tensors, dtype=dtype, storage_options=storage_options, config=config, **options
+        )
+    )
+
+
+async def iter_tensors_async(
+    url: str,
+    device: Device = "cpu",
+    *,
+    tensors: Selection = None,
+    dtype: torch.dtype | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    config: Config | None = None,
+    **options: Any,
+) -> AsyncIterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` in file order while later tensors download, with bounded memory.
+
+    Tensors are fetched in batches of about ``max_inflight_bytes``; the next batch downloads while the
+    caller consumes the current one, so at most about two batches are held at once (a tensor larger than
+    the budget forms a batch of its own).
+    """
+    cfg = resolve(config, options)
+    async with open_remote(url, cfg, storage_options) as file:
+        names = select(file.header.offset_keys(), tensors, url=file.url)
+        batches = _batches(file, names, cfg.max_inflight_bytes)
+        ahead: asyncio.Task[dict[str, HostTensor]] | None = None
+        try:
+            for index, batch in enumerate(batches):
+                current = ahead if ahead is not None else asyncio.ensure_future(file.load((n, None) for n in batch))
+                hosts = await current
+                ahead = None
+                if index + 1 < len(batches):
+                    following = batches[index + 1]
+                    ahead = asyncio.ensure_future(file.load((n, None) for n in following))
+                for name in batch:
+                    yield name, finish(hosts.pop(name), device, dtype)
+        finally:
+            if ahead is not None:
+                ahead.cancel()
+                with contextlib.suppress(BaseException):
+                    await ahead
+
+
+def _batches(file: RemoteFile, names: list[str], budget: int) -> list[list[str]]:
+    batches: list[list[str]] = [[]]
+    size = 0
+    for name in names:
+        nbytes = file.info(name).nbytes
+        if batches[-1] and size + nbytes > budget:
+            batches.append([])
+            size = 0
+        batches[-1].append(name)
+        size += nbytes
+    return batches if batches[0] else []
+
+
+def iter_tensors(
+    url: str,
+    device: Device = "cpu",
+    *,
+    tensors: Selection = None,
+    dtype: torch.dtype | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    config: Config | None = None,
+    **options: Any,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Sync twin of [`iter_tensors_async`]; closing the iterator early cancels what is in flight."""
+    agen = iter_tensors_async(
+        url, device, tensors=tensors, dtype=dtype, storage_options=storage_options, config=config, **options
+    )
+    try:
+        while True:
+            try:
+                yield run_sync(agen.__anext__())
+            except StopAsyncIteration:
+                return
+    finally:
+        run_sync(agen.aclose())
+
+
+async def load_model_async(
+    model: torch.nn.Module,
+    url: str,
+    strict: bool = True,
+    device: Device = "cpu",
+    *,
+    assign: bool = False,
+    dtype: torch.dtype | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    config: Config | None = None,
+    **options: Any,
+) -> tuple[list[str], list[str]]:
+    """Load a checkpoint into ``model`` like ``safetensors.torch.load_model``, fetching only its tensors.
+
+    Tensors the model has no use for are not downloaded (they are still reported as unexpected). Tied
+    parameters (one object under several names, such as ``lm_head.weight`` and ``embed.weight``) are
+    handled as safetensors does: a name missing from the file but tied to one present is not missing.
+    With ``assign=True`` (for a model built on the ``meta`` device) the loaded tensors replace the
+    parameters and tied names are re-tied to the replacement.
+
+    Returns:
+        ``(missing, unexpected)``: model names the file did not set, file names the model does not have.
+
+    Raises:
+        RuntimeError: ``strict`` and some names are missing or unexpected (safetensors' message).
+    """
+    cfg = resolve(config, options)
+    model_keys = set(model.state_dict().keys())
+    groups = _tied_groups(model)
+
+    async def load() -> tuple[list[str], list[str]]:
+        async with open_remote(url, cfg, storage_options) as file:
+            in_file = file.header.offset_keys()
+            names = [name for name in in_file if name in model_keys]
+            hosts = await file.load((name, None) for name in names)
+        state = {name: finish(hosts.pop(name), device, dtype) for name in names}
+        result = model.load_state_dict(state, strict=False, assign=assign)
+        missing = set(result.missing_keys)
+        unexpected = [name for name in in_file if name not in model_keys]
+        for group in groups:
+            loaded = sorted(name for name in group if name in state)
+            if not loaded:
+                continue
+            for name in sorted(group - {loaded[0]}):
+                if name in missing:
+                    missing.discard(name)
+                    if assign:
+                        _set_tensor(model, name, _get_tensor(model, loaded[0]))
+                elif name not in state:
+                    unexpected.append(name)
+        if strict and (missing or unexpected):
+            error = f"Error(s) in loading state_dict for {model.__class__.__name__}:"
+            if missing:
+                error += "\n    Missing key(s) in state_dict: " + ", ".join(f'"{k}"' for k in sorted(missing))
+            if unexpected:
+                error += "\n    Unexpected key(s) in state_dict: " + ", ".join(f'"{k}"' for k in sorted(unexpected))
+            raise RuntimeError(error)
+        return sorted(missing), unexpected
+
+    return await _with_deadline(cfg, url, load())  # type: ignore[no-any-return]
+
+
+def load_model(
+    model: torch.nn.Module,
+    url: str,
+    strict: bool = True,
+    device: Device = "cpu",
+    *,
+    assign: bool = False,
+    dtype: torch.dtype | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    config: Config | None = None,
+    **options: Any,
+) -> tuple[list[str], list[str]]:
+    """Sync twin of [`load_model_async`]."""
+    return run_sync(
+        load_model_async(
+            model, url, strict, device, assign=assign, dtype=dtype, storage_options=storage_options,
+            config=config, **options,
+        )
+    )
+
+
+def _tied_groups(model: torch.nn.Module) -> list[set[str]]:
+    """Names that refer to one parameter or buffer object (found by identity, so meta models work too)."""
+    by_object: dict[int, set[str]] = {}
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for name, tensor in named:
+        by_object.setdefault(id(tensor), set()).add(name)
+    return [names for names in by_object.values() if len(names) > 1]
+
+
+def _get_tensor(model: torch.nn.Module, name: str) -> torch.Tensor:
+    module_name, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(module_name), attr)  # type: ignore[no-any-return]
+
+
+def _set_tensor(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(module_name), attr, tensor)

@@ -1,0 +1,73 @@
+"""safetensors dtype codes, their sizes, and the torch dtypes that hold them."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+# Size of one element in bits, for every dtype code of the safetensors format (its Rust `Dtype` enum).
+DTYPE_BITS: dict[str, int] = {
+    "BOOL": 8,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8,
+    "F8_E5M2FNUZ": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "C64": 64,
+    "F64": 64,
+    "I64": 64,
+    "U64": 64,
+}
+
+# torch attribute names, looked up lazily so that this module imports without torch.
+_TORCH_NAMES: dict[str, str] = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E8M0": "float8_e8m0fnu",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "I16": "int16",
+    "U16": "uint16",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I32": "int32",
+    "U32": "uint32",
+    "F32": "float32",
+    "C64": "complex64",
+    "F64": "float64",
+    "I64": "int64",
+    "U64": "uint64",
+}
+
+
+def to_torch(code: str) -> torch.dtype | None:
+    """The torch dtype for a safetensors dtype code, or None if this torch has none (e.g. F4, F6)."""
+    import torch
+
+    name = _TORCH_NAMES.get(code)
+    return getattr(torch, name, None) if name else None
+
+
+def from_torch(dtype: torch.dtype) -> str:
+    """The safetensors dtype code for a torch dtype."""
+    for code, name in _TORCH_NAMES.items():
+        if str(dtype) == f"torch.{name}":
+            return code
+    raise ValueError(f"torch dtype {dtype} has no safetensors code")

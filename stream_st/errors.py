@@ -1,0 +1,76 @@
+"""The exception tree of stream_st.
+
+Every error derives from :class:`StreamSTError` and also from the builtin a caller would already catch::
+
+    StreamSTError
+    ├── ConfigError(ValueError)                 an option has an impossible value
+    ├── HeaderError(ValueError)                 the safetensors header breaks a format rule
+    ├── TensorNotFoundError(KeyError)           a requested tensor is not in the file
+    ├── UnsupportedDtypeError(TypeError)        the format allows the dtype, torch cannot hold it
+    └── FetchError(OSError)                     bytes could not be fetched as asked
+        ├── RangeNotSupportedError              the server ignored or mangled a Range request
+        ├── IncompleteReadError                 a body ended before the bytes asked for arrived
+        └── ObjectChangedError                  the object changed while it was being loaded
+
+``FileNotFoundError`` and ``PermissionError`` raised by the storage layer pass through unchanged
+(with the URL in their message). Errors carry ``url``, ``tensor``, ``start`` and ``end`` where known.
+"""
+
+from __future__ import annotations
+
+
+class StreamSTError(Exception):
+    """Base class of every error raised by stream_st."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str | None = None,
+        tensor: str | None = None,
+        start: int | None = None,
+        end: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.url = url
+        self.tensor = tensor
+        self.start = start
+        self.end = end
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class ConfigError(StreamSTError, ValueError):
+    """An option has a value that cannot work."""
+
+
+class HeaderError(StreamSTError, ValueError):
+    """The safetensors header is malformed, inconsistent, or disagrees with the object's size."""
+
+
+class TensorNotFoundError(StreamSTError, KeyError):
+    """A requested tensor name or pattern matches nothing in the file."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class UnsupportedDtypeError(StreamSTError, TypeError):
+    """The file uses a dtype that torch cannot represent."""
+
+
+class FetchError(StreamSTError, OSError):
+    """Bytes could not be fetched from the source as asked."""
+
+
+class RangeNotSupportedError(FetchError):
+    """The server ignored a Range request, or answered with the wrong range."""
+
+
+class IncompleteReadError(FetchError):
+    """The response body ended before all requested bytes arrived."""
+
+
+class ObjectChangedError(FetchError):
+    """The object was replaced while it was being loaded (its ETag or version changed)."""

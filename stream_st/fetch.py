@@ -1,0 +1,194 @@
+"""The fetch engine: ranged requests scheduled from asyncio, bytes read on worker threads.
+
+Control stays in asyncio (what to fetch next, at most ``max_concurrency`` requests in flight, first error
+cancels the rest) while the bulk bytes move on a thread pool with blocking ``readinto`` straight into
+destination memory: DESIGN.md §5 measured that ~10× faster than reading through an event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+from collections.abc import Callable, Hashable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from .config import Config
+from .errors import FetchError, IncompleteReadError
+from .plan import Part, Want, plan_parts
+from .sources import ByteStream, Source, read_exactly
+from .transport import TRANSIENT_ERRORS, ConnectionPool, RetryableStatusError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Destination = Callable[[Hashable], memoryview]
+
+# Bytes per readinto call: small enough to notice a cancel quickly, large enough to cost nothing.
+_CHUNK = 8 << 20
+_GAP_SCRATCH = 1 << 20
+_RETRYABLE = (*TRANSIENT_ERRORS, IncompleteReadError)
+
+
+class LoadCancelled(Exception):
+    """Raised inside a worker when the load it serves has failed or was cancelled."""
+
+
+@dataclass
+class Stats:
+    """What one engine did: requests sent, bytes received, retries. Updated from worker threads."""
+
+    requests: int = 0
+    bytes: int = 0
+    retries: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, *, requests: int = 0, nbytes: int = 0, retries: int = 0) -> None:
+        with self._lock:
+            self.requests += requests
+            self.bytes += nbytes
+            self.retries += retries
+
+
+class Engine:
+    """Worker threads, keep-alive connections and counters shared by every file of one load."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.pool = ConnectionPool(connect_timeout=config.connect_timeout, read_timeout=config.stall_timeout)
+        self.stats = Stats()
+        self._executor = ThreadPoolExecutor(max_workers=config.max_concurrency, thread_name_prefix="stream_st")
+        self._scratch = threading.local()
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        """Run a blocking call on the worker threads."""
+        return await asyncio.wrap_future(self._executor.submit(fn, *args))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        self.pool.close()
+
+    async def fetch(self, source: Source, wants: Iterable[Want], destination: Destination) -> None:
+        """Fetch every wanted span of ``source`` into ``destination(key)``, all or nothing."""
+        config = self.config
+        if source.ranges:
+            parts = plan_parts(wants, max_gap=config.max_gap, part_size=config.part_size)
+        else:  # the server ignores Range: one streamed GET from byte 0 covers everything
+            assert source.size is not None
+            parts = plan_parts(wants, max_gap=source.size, part_size=source.size + 1)
+        cancelled = threading.Event()
+        pending: set[asyncio.Future[None]] = set()
+        try:
+            for part in parts:
+                while len(pending) >= config.max_concurrency:
+                    pending = await _reap(pending, asyncio.FIRST_COMPLETED)
+                work = self._executor.submit(self._fetch_part, source, part, destination, cancelled)
+                pending.add(asyncio.wrap_future(work))
+            while pending:
+                pending = await _reap(pending, asyncio.ALL_COMPLETED)
+        except BaseException:
+            cancelled.set()  # workers stop at their next chunk; wait so no thread writes after we return
+            if pending:
+                await asyncio.wait(pending)
+            raise
+
+    def _fetch_part(self, source: Source, part: Part, destination: Destination, cancelled: threading.Event) -> None:
+        """Read one part, retrying with backoff; each retry asks only for the bytes still missing."""
+        reader = _PartReader(part, destination, self._gap_scratch(), cancelled)
+        attempt = 0
+        while True:
+            if cancelled.is_set():
+                raise LoadCancelled()
+            received = 0
+            try:
+                stream = source.open_range(reader.position, part.end)
+                before = reader.position
+                self.stats.add(requests=1)
+                try:
+                    reader.read(stream, url=source.url)
+                finally:
+                    received = reader.position - before
+                    stream.close(reusable=reader.position == part.end)
+                self.stats.add(nbytes=received)
+                return
+            except _RETRYABLE as exc:
+                self.stats.add(nbytes=received)
+                attempt += 1
+                if attempt > self.config.retries:
+                    raise _give_up(source.url, part, reader.position, attempt, exc) from exc
+                delay = self._backoff(attempt, exc)
+                logger.warning(
+                    "%s: bytes %d-%d: %s; retry %d of %d in %.2fs from byte %d",
+                    source.url, part.start, part.end - 1, _describe(exc), attempt, self.config.retries,
+                    delay, reader.position,
+                )
+                self.stats.add(retries=1)
+                if cancelled.wait(delay):
+                    raise LoadCancelled() from exc
+
+    def _backoff(self, attempt: int, exc: BaseException) -> float:
+        cap = min(self.config.backoff_max, self.config.backoff_base * 2 ** (attempt - 1))
+        delay = random.uniform(0, cap)  # full jitter: retries from many workers do not line up
+        hint = getattr(exc, "retry_after", None)
+        return max(delay, min(hint, self.config.backoff_max)) if isinstance(exc, RetryableStatusError) and hint else delay
+
+    def _gap_scratch(self) -> memoryview:
+        scratch = getattr(self._scratch, "buffer", None)
+        if scratch is None:
+            scratch = self._scratch.buffer = memoryview(bytearray(_GAP_SCRATCH))
+        return scratch
+
+
+class _PartReader:
+    """Streams one part's bytes into its pieces' destinations; ``position`` is the next byte wanted."""
+
+    def __init__(self, part: Part, destination: Destination, scratch: memoryview, cancelled: threading.Event) -> None:
+        self.part, self.position = part, part.start
+        self._destination, self._scratch, self._cancelled = destination, scratch, cancelled
+
+    def read(self, stream: ByteStream, *, url: str) -> None:
+        for piece in self.part.pieces:
+            if piece.end <= self.position:
+                continue
+            while self.position < piece.start:  # gap bytes between coalesced pieces: read and drop
+                gap = self._scratch[: min(len(self._scratch), piece.start - self.position)]
+                read_exactly(stream, gap, url=url, start=self.position)
+                self.position += len(gap)
+            target = self._destination(piece.key)
+            begin = piece.dest_offset + self.position - piece.start
+            stop = piece.dest_offset + piece.size
+            while begin < stop:
+                if self._cancelled.is_set():
+                    raise LoadCancelled()
+                chunk = target[begin : min(stop, begin + _CHUNK)]
+                read_exactly(stream, chunk, url=url, start=self.position)
+                begin += len(chunk)
+                self.position += len(chunk)
+
+
+async def _reap(pending: set[asyncio.Future[None]], when: str) -> set[asyncio.Future[None]]:
+    done, still = await asyncio.wait(pending, return_when=when)
+    for future in done:
+        future.result()  # the first failure propagates
+    return still
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _give_up(url: str, part: Part, position: int, attempts: int, exc: BaseException) -> FetchError:
+    cls = IncompleteReadError if isinstance(exc, IncompleteReadError) else FetchError
+    tensor = next((str(p.key) for p in part.pieces if p.end > position), None)
+    return cls(
+        f"{url}: tensor {tensor!r}: bytes {part.start}-{part.end - 1} failed after {attempts} attempts "
+        f"({part.end - position} bytes missing from byte {position}): {_describe(exc)}",
+        url=url,
+        tensor=tensor,
+        start=position,
+        end=part.end,
+    )
+

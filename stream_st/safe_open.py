@@ -1,0 +1,241 @@
+"""The lazy handle: ``safe_open(url)`` reads the header once, then fetches tensors or slices on demand."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from ._loop import run_sync
+from .api import Device, finish
+from .config import Config, resolve
+from .errors import TensorNotFoundError
+from .fetch import Engine
+from .header import TensorInfo
+from .remote import RemoteFile, Rows
+from .select import select
+
+Index = Any  # what tensor[...] accepts
+
+
+class AsyncSafeOpen:
+    """``async with safe_open_async(url) as f: await f.get_tensor(name)``: the async handle."""
+
+    def __init__(
+        self,
+        url: str,
+        framework: str = "pt",
+        device: Device = "cpu",
+        *,
+        dtype: torch.dtype | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        config: Config | None = None,
+        **options: Any,
+    ) -> None:
+        if framework not in ("pt", "torch", "pytorch"):
+            raise ValueError(f"framework {framework!r} is not supported; stream_st loads torch tensors ('pt')")
+        self._url, self._device, self._dtype = url, device, dtype
+        self._storage_options = storage_options
+        self._config = resolve(config, options)
+        self._engine: Engine | None = None
+        self._file: RemoteFile | None = None
+
+    async def open(self) -> AsyncSafeOpen:
+        """Read and validate the header (done by ``async with``)."""
+        if self._file is None:
+            self._engine = Engine(self._config)
+            try:
+                self._file = await RemoteFile.open(self._url, self._engine, self._storage_options)
+            except BaseException:
+                self._engine.close()
+                self._engine = None
+                raise
+        return self
+
+    async def __aenter__(self) -> AsyncSafeOpen:
+        return await self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
+    @property
+    def file(self) -> RemoteFile:
+        if self._file is None:
+            raise RuntimeError(f"{self._url}: the handle is closed (use it inside 'with')")
+        return self._file
+
+    def keys(self) -> list[str]:
+        """Tensor names, sorted (as safetensors returns them)."""
+        return self.file.header.keys()
+
+    def offset_keys(self) -> list[str]:
+        """Tensor names in the order of their bytes in the file."""
+        return self.file.header.offset_keys()
+
+    def metadata(self) -> dict[str, str] | None:
+        """The ``__metadata__`` mapping, or None."""
+        return self.file.header.metadata
+
+    def _info(self, name: str) -> TensorInfo:
+        select(self.file.header.offset_keys(), [name], url=self.file.url)  # raises with suggestions
+        if name not in self.file.header.tensors:  # a glob-like name that matched other tensors
+            raise TensorNotFoundError(f"{self.file.url}: no tensor named {name!r}", url=self.file.url, tensor=name)
+        return self.file.info(name)
+
+    async def get_tensor(self, name: str) -> torch.Tensor:
+        """Fetch one tensor."""
+        return (await self.get_tensors([name]))[name]
+
+    async def get_tensors(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Fetch several tensors with one plan (coalesced, concurrent)."""
+        wanted = [self._info(name).name for name in names]
+        hosts = await self.file.load((name, None) for name in wanted)
+        return {name: finish(hosts[name], self._device, self._dtype) for name in wanted}
+
+    def get_slice(self, name: str) -> AsyncTensorSlice:
+        """A lazy view of one tensor: ``await f.get_slice(name).read(index)`` fetches only what the index needs."""
+        return AsyncTensorSlice(self, self._info(name))
+
+
+class AsyncTensorSlice:
+    """Shape and dtype without I/O; ``read(index)`` fetches the dim-0 rows the index touches."""
+
+    def __init__(self, handle: AsyncSafeOpen, info: TensorInfo) -> None:
+        self._handle, self._info = handle, info
+
+    def get_shape(self) -> list[int]:
+        return list(self._info.shape)
+
+    def get_dtype(self) -> str:
+        return self._info.dtype
+
+    async def read(self, index: Index) -> torch.Tensor:
+        info = self._info
+        rows, local = covering_rows(info, index)
+        hosts = await self._handle.file.load([(info.name, rows)])
+        tensor = finish(hosts[info.name], self._handle._device, self._handle._dtype)
+        return tensor[local].contiguous() if local is not None else tensor
+
+
+def covering_rows(info: TensorInfo, index: Index) -> tuple[Rows | None, Index]:
+    """The dim-0 rows [start, stop) that ``index`` reads, and the index rebased onto those rows.
+
+    Returns ``(None, index)`` when the whole tensor is needed (0-d tensors, fancy indexing on dim 0).
+    An int or a step slice on dim 0 fetches only rows from its first to its last element.
+    """
+    parts = index if isinstance(index, tuple) else (index,)
+    if not info.shape or not parts:
+        return None, index
+    first, rest = parts[0], parts[1:]
+    rows = info.shape[0]
+    if isinstance(first, bool) or not isinstance(first, (int, slice)):
+        return None, index
+    if isinstance(first, int):
+        position = first + rows if first < 0 else first
+        if not 0 <= position < rows:
+            raise IndexError(f"index {first} is out of bounds for dim 0 of {info.name!r} with size {rows}")
+        return (position, position + 1), (0, *rest)
+    start, stop, step = first.indices(rows)
+    if step <= 0:
+        raise ValueError(f"slice step must be positive, got {step} (torch does not support negative steps)")
+    if stop <= start:
+        return (0, 0), (slice(0, 0), *rest)
+    last = start + (stop - start - 1) // step * step
+    return (start, last + 1), (slice(0, last + 1 - start, step), *rest)
+
+
+class safe_open:  # noqa: N801 - the name mirrors safetensors.safe_open
+    """Open a safetensors file at a URL, as ``safetensors.safe_open`` opens a local one.
+
+    The header is fetched and validated when the handle opens; tensors are fetched on demand. Use it as a
+    context manager; keyword arguments as for [`load_file`].
+
+    Example:
+        >>> with stream_st.safe_open("https://host/model.safetensors", framework="pt") as f:
+        ...     embed = f.get_slice("embed")[1000:2000]
+    """
+
+    def __init__(
+        self,
+        url: str,
+        framework: str = "pt",
+        device: Device = "cpu",
+        *,
+        dtype: torch.dtype | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        config: Config | None = None,
+        **options: Any,
+    ) -> None:
+        self._handle = AsyncSafeOpen(
+            url, framework, device, dtype=dtype, storage_options=storage_options, config=config, **options
+        )
+        run_sync(self._handle.open())
+
+    def __enter__(self) -> safe_open:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def keys(self) -> list[str]:
+        return self._handle.keys()
+
+    def offset_keys(self) -> list[str]:
+        return self._handle.offset_keys()
+
+    def metadata(self) -> dict[str, str] | None:
+        return self._handle.metadata()
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return run_sync(self._handle.get_tensor(name))
+
+    def get_tensors(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        return run_sync(self._handle.get_tensors(list(names)))
+
+    def get_slice(self, name: str) -> TensorSlice:
+        return TensorSlice(self._handle.get_slice(name))
+
+
+class TensorSlice:
+    """``f.get_slice(name)[index]``: fetches only the dim-0 rows the index touches."""
+
+    def __init__(self, inner: AsyncTensorSlice) -> None:
+        self._inner = inner
+
+    def get_shape(self) -> list[int]:
+        return self._inner.get_shape()
+
+    def get_dtype(self) -> str:
+        return self._inner.get_dtype()
+
+    def __getitem__(self, index: Index) -> torch.Tensor:
+        return run_sync(self._inner.read(index))
+
+
+def safe_open_async(
+    url: str,
+    framework: str = "pt",
+    device: Device = "cpu",
+    *,
+    dtype: torch.dtype | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    config: Config | None = None,
+    **options: Any,
+) -> AsyncSafeOpen:
+    """Async twin of [`safe_open`]: ``async with safe_open_async(url) as f: t = await f.get_tensor(name)``."""
+    return AsyncSafeOpen(url, framework, device, dtype=dtype, storage_options=storage_options, config=config, **options)

@@ -1,0 +1,61 @@
+"""Where fetched bytes land. On CPU: straight into the memory of the output tensors."""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import torch
+
+from .dtypes import to_torch
+from .errors import UnsupportedDtypeError
+from .header import TensorInfo
+
+
+@dataclass
+class HostTensor:
+    """An output tensor's raw bytes in host memory, and how to present them as the typed tensor."""
+
+    buffer: torch.Tensor  # flat uint8, owns the memory
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    def view(self) -> memoryview:
+        """A writable view of the bytes, for ``readinto``."""
+        return writable_view(self.buffer)
+
+    def tensor(self) -> torch.Tensor:
+        if self.buffer.numel() == 0:
+            return torch.empty(self.shape, dtype=self.dtype)
+        return self.buffer.view(self.dtype).reshape(self.shape)
+
+
+def host_tensor(info: TensorInfo, *, url: str, rows: tuple[int, int] | None = None) -> HostTensor:
+    """Allocate the output for ``info`` (or for its dim-0 rows [start, stop)), after the header was validated."""
+    dtype = to_torch(info.dtype)
+    if dtype is None:
+        raise UnsupportedDtypeError(
+            f"{url}: tensor {info.name!r} has dtype {info.dtype}, which this torch ({torch.__version__}) cannot hold",
+            url=url,
+            tensor=info.name,
+        )
+    shape = info.shape
+    nbytes = info.nbytes
+    if rows is not None:
+        shape = (rows[1] - rows[0], *shape[1:])
+        nbytes = row_bytes(info) * shape[0]
+    return HostTensor(torch.empty(nbytes, dtype=torch.uint8), dtype, shape)
+
+
+def row_bytes(info: TensorInfo) -> int:
+    """Bytes of one dim-0 row of ``info``."""
+    return info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
+
+
+def writable_view(tensor: torch.Tensor) -> memoryview:
+    """A writable memoryview over a contiguous CPU tensor's bytes (no numpy needed)."""
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes == 0:
+        return memoryview(bytearray(0))
+    array = (ctypes.c_char * nbytes).from_address(tensor.data_ptr())
+    return memoryview(array).cast("B")

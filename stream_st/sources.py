@@ -1,0 +1,226 @@
+"""Objects as byte-range sources: one interface over HTTP(S), local files and any fsspec filesystem.
+
+A source answers two questions for the engine: "what are the object's first bytes, size and version?"
+(``probe``, one request) and "give me a stream of bytes [start, end)" (``open_range``, blocking, called on
+worker threads, the stream writing into caller memory).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import unquote, urlsplit
+
+from .errors import IncompleteReadError, ObjectChangedError, RangeNotSupportedError
+from .transport import ConnectionPool, Endpoint, RangeStream, open_range, redact
+
+
+class ByteStream(Protocol):
+    """Bytes of one range, read into caller memory."""
+
+    def readinto(self, buffer: memoryview) -> int: ...
+
+    def close(self, *, reusable: bool) -> None: ...
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What the first request told: the object's first bytes, its size and version."""
+
+    prefix: bytes
+    size: int
+    version: str | None
+    ranges: bool = True  # False: the server ignores Range, so the object must be read in one stream
+
+
+class Source(ABC):
+    """One object. ``url`` is safe to print (no query string, no credentials)."""
+
+    url: str
+    size: int | None = None
+    version: str | None = None
+    ranges: bool = True
+
+    @abstractmethod
+    def probe(self, length: int) -> Probe:
+        """Fetch bytes [0, length) or fewer if the object is shorter; learn size and version."""
+
+    @abstractmethod
+    def open_range(self, start: int, end: int) -> ByteStream:
+        """Start reading bytes [start, end) of the version seen by ``probe``."""
+
+    def check_unchanged(self) -> None:
+        """Raise ObjectChangedError if the object is known to have changed since ``probe``."""
+
+    def close(self) -> None:
+        """Release what the source holds (file descriptors)."""
+
+    def _remember(self, probe: Probe) -> Probe:
+        self.size, self.version, self.ranges = probe.size, probe.version, probe.ranges
+        return probe
+
+
+def read_exactly(stream: ByteStream, buffer: memoryview, *, url: str, start: int) -> None:
+    """Fill ``buffer`` from ``stream``; a short body raises IncompleteReadError."""
+    filled = 0
+    while filled < len(buffer):
+        got = stream.readinto(buffer[filled:])
+        if not got:
+            raise IncompleteReadError(
+                f"{url}: body ended after {filled} of {len(buffer)} bytes starting at byte {start}",
+                url=url,
+                start=start,
+                end=start + len(buffer),
+            )
+        filled += got
+
+
+class HttpSource(Source):
+    """http(s):// through the threaded ``http.client`` data plane."""
+
+    def __init__(self, url: str, pool: ConnectionPool, headers: Mapping[str, str] | None = None) -> None:
+        self.endpoint = Endpoint(url, dict(headers or {}))
+        self.url = redact(url)
+        self._pool = pool
+
+    def probe(self, length: int) -> Probe:
+        stream, total = open_range(self._pool, self.endpoint, 0, length, size=None, etag=None)
+        want = min(length, total)
+        prefix = bytearray(want)
+        try:
+            read_exactly(stream, memoryview(prefix), url=self.url, start=0)
+        except BaseException:
+            stream.close(reusable=False)
+            raise
+        # A server that ignored Range is still sending the whole object: drop that connection.
+        stream.close(reusable=stream.partial or want == total)
+        return self._remember(Probe(bytes(prefix), total, stream.etag, ranges=stream.partial or want == total))
+
+    def open_range(self, start: int, end: int) -> RangeStream:
+        stream, _ = open_range(
+            self._pool, self.endpoint, start, end, size=self.size, etag=self.version, ranged=self.ranges
+        )
+        return stream
+
+
+class _FileRange:
+    """Positional reads (``preadv``) from an open file straight into caller memory."""
+
+    def __init__(self, fd: int, start: int, end: int) -> None:
+        self._fd, self._position, self._end = fd, start, end
+
+    def readinto(self, buffer: memoryview) -> int:
+        if self._position >= self._end:
+            return 0
+        view = buffer[: self._end - self._position]
+        got = os.preadv(self._fd, [view], self._position)
+        self._position += got
+        return got
+
+    def close(self, *, reusable: bool) -> None:
+        pass
+
+
+class LocalSource(Source):
+    """A local path or file:// URL, read with positional reads from one descriptor.
+
+    Reads through one open descriptor see one inode: a file replaced by rename mid-load is still read
+    whole and consistent; an in-place rewrite is caught by comparing size and mtime at the end.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.path = unquote(urlsplit(url).path) if url.startswith("file://") else url
+        self._fd: int | None = None
+
+    def probe(self, length: int) -> Probe:
+        self._fd = os.open(self.path, os.O_RDONLY)  # FileNotFoundError / PermissionError pass through
+        info = os.fstat(self._fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise IsADirectoryError(f"{self.url}: not a regular file")
+        want = min(length, info.st_size)
+        prefix = os.pread(self._fd, want, 0)
+        return self._remember(Probe(prefix, info.st_size, _file_version(info)))
+
+    def open_range(self, start: int, end: int) -> _FileRange:
+        assert self._fd is not None, "probe() first"
+        return _FileRange(self._fd, start, end)
+
+    def check_unchanged(self) -> None:
+        if self._fd is not None and _file_version(os.fstat(self._fd)) != self.version:
+            raise ObjectChangedError(f"{self.url}: file was modified during the load", url=self.url)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _file_version(info: os.stat_result) -> str:
+    return f"{info.st_ino}:{info.st_size}:{info.st_mtime_ns}"
+
+
+class _BytesRange:
+    """A range fetched whole by fsspec's ``cat_file``; handed out as ``readinto`` calls."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = memoryview(data)
+        self._position = 0
+
+    def readinto(self, buffer: memoryview) -> int:
+        got = min(len(buffer), len(self._data) - self._position)
+        buffer[:got] = self._data[self._position : self._position + got]
+        self._position += got
+        return got
+
+    def close(self, *, reusable: bool) -> None:
+        pass
+
+
+_VERSION_KEYS = ("VersionId", "generation", "ETag", "etag", "mtime", "LastModified", "created")
+
+
+class FsspecSource(Source):
+    """Any other fsspec filesystem (memory://, s3://, gs://, hf://, ...) through ``cat_file``."""
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any]) -> None:
+        import fsspec
+
+        self.fs, self.path = fsspec.core.url_to_fs(url, **storage_options)
+        self.url = redact(url)
+        self._lock = threading.Lock()
+
+    def probe(self, length: int) -> Probe:
+        info = self.fs.info(self.path)
+        if info.get("type") == "directory":
+            raise IsADirectoryError(f"{self.url}: is a directory, not a safetensors file")
+        size = int(info["size"])
+        prefix = self.fs.cat_file(self.path, start=0, end=min(length, size)) if size else b""
+        version = next((str(info[k]) for k in _VERSION_KEYS if info.get(k) is not None), None)
+        return self._remember(Probe(bytes(prefix), size, version))
+
+    def open_range(self, start: int, end: int) -> _BytesRange:
+        data = self.fs.cat_file(self.path, start=start, end=end)
+        if len(data) > end - start:
+            raise RangeNotSupportedError(
+                f"{self.url}: asked for bytes {start}-{end - 1}, got {len(data)} bytes", url=self.url, start=start, end=end
+            )
+        return _BytesRange(data)  # a short answer surfaces as IncompleteReadError in read_exactly
+
+
+def open_source(url: str, pool: ConnectionPool, storage_options: Mapping[str, Any] | None = None) -> Source:
+    """The source for ``url``: http(s) on the fast data plane, local files by path, else fsspec."""
+    options = dict(storage_options or {})
+    scheme = urlsplit(url).scheme.lower() if "://" in url else ""
+    if scheme in ("http", "https"):
+        headers = dict(options.get("headers") or {})
+        headers.update((options.get("client_kwargs") or {}).get("headers") or {})
+        return HttpSource(url, pool, headers)
+    if scheme in ("", "file", "local"):
+        return LocalSource(url[len("local://"):] if scheme == "local" else url)
+    return FsspecSource(url, options)
