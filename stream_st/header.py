@@ -165,9 +165,9 @@ def parse_header(raw: bytes, *, url: str, file_size: int) -> Header:
         if end < begin:
             raise HeaderError(f"{url}: tensor {name!r} has data_offsets [{begin}, {end}] that end before they start",
                               url=url, tensor=name)
-        bits = _bits_needed(shape, DTYPE_BITS[dtype], limit=8 * (end - begin))
+        bits = _bits_needed(shape, DTYPE_BITS[dtype], limit=_MAX_BITS)
         if bits is None or bits % 8 or bits // 8 != end - begin:
-            needs = "more bytes than that" if bits is None else f"{bits / 8:g} bytes"
+            needs = "more than 2**64 bytes" if bits is None else f"{bits / 8:g} bytes"
             raise HeaderError(
                 f"{url}: tensor {name!r} of dtype {dtype} and shape {_short(shape)} needs "
                 f"{needs} but its data_offsets [{begin}, {end}] span {end - begin}",
@@ -184,6 +184,9 @@ def parse_header(raw: bytes, *, url: str, file_size: int) -> Header:
             url=url,
         )
     return Header(url=url, header_size=header_size, file_size=file_size, tensors=tensors, metadata=metadata)
+
+
+_MAX_BITS = 8 << 64  # no tensor can hold more than 2**64 bytes
 
 
 def _bits_needed(shape: tuple[int, ...], bits: int, *, limit: int) -> int | None:

@@ -1,0 +1,70 @@
+"""Fixtures: checkpoints written by safetensors, and real HTTP servers on 127.0.0.1.
+
+``STREAM_ST_TEST_HTTP_URL`` points the HTTP tests at an already running server that serves the
+checkpoint folder (``STREAM_ST_TEST_ROOT``) instead of starting the aiohttp one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from checkpoints import all_dtypes_state, layered_state, tiny_state, write
+from servers import Nginx, RangeServer
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip_cuda = pytest.mark.skip(reason="no CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_cuda)
+
+
+@pytest.fixture(scope="session")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of checkpoints, readable by nginx workers."""
+    folder = tmp_path_factory.mktemp("checkpoints")
+    folder.chmod(0o755)
+    write(folder / "dtypes.safetensors", all_dtypes_state(), metadata={"format": "pt", "note": "all dtypes"})
+    write(folder / "layered.safetensors", layered_state())
+    write(folder / "tiny.safetensors", tiny_state(6000))  # header far longer than the 256 KiB prefix
+    write(folder / "small.safetensors", {"x": torch.arange(6, dtype=torch.float32)})
+    return folder
+
+
+@pytest.fixture(scope="session")
+def _range_server(root: Path) -> Iterator[RangeServer]:
+    server = RangeServer(root)
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def http(_range_server: RangeServer) -> Iterator[RangeServer]:
+    """The aiohttp range server with an empty request log and no quirks."""
+    _range_server.reset()
+    yield _range_server
+    _range_server.reset()
+
+
+@pytest.fixture(scope="session")
+def _nginx(root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nginx]:
+    if shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists():
+        if os.environ.get("STREAM_ST_REQUIRE_NGINX") == "1":
+            pytest.fail("nginx is required (STREAM_ST_REQUIRE_NGINX=1) but not installed")
+        pytest.skip("nginx is not installed")
+    server = Nginx(root, tmp_path_factory.mktemp("nginx"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def nginx(_nginx: Nginx) -> Nginx:
+    """nginx on 127.0.0.1 with an empty access log."""
+    _nginx.clear_log()
+    return _nginx
