@@ -11,7 +11,7 @@ argv of every Python child: ``URL LOCAL_PATH``.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 PARTIAL = ["model.layers.0.*", "model.layers.1.*"]
 
@@ -24,7 +24,6 @@ class Contender:
     command: tuple[str, ...] = ()  # non-Python command; "{url}" is replaced
     partial: bool = False  # loads only PARTIAL (accounting compares against those bytes)
     verifiable: bool = True
-    notes: list[str] = field(default_factory=list)
 
     def argv(self, url: str, local: str, verify: bool = False) -> list[str]:
         if self.load is None:

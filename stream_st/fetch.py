@@ -19,7 +19,7 @@ from typing import TypeVar
 from .config import Config
 from .errors import FetchError, IncompleteReadError
 from .plan import Part, Want, plan_parts
-from .sources import ByteStream, Source, read_exactly
+from .sources import ByteStream, Probe, Source, read_exactly
 from .transport import TRANSIENT_ERRORS, ConnectionPool, RetryableStatusError
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,20 @@ class Stats:
             self.requests += requests
             self.bytes += nbytes
             self.retries += retries
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a request stands, for messages: the tensor being filled, the range, the next byte wanted."""
+
+    tensor: str | None
+    start: int
+    end: int
+    position: int
+
+    def __str__(self) -> str:
+        where = f"bytes {self.start}-{self.end - 1}"
+        return f"tensor {self.tensor!r}, {where}" if self.tensor else where
 
 
 class Engine:
@@ -95,35 +109,55 @@ class Engine:
                 await asyncio.wait(pending)
             raise
 
+    async def probe(self, source: Source) -> Probe:
+        """The source's first ``header_prefetch`` bytes, size and version, retried like any range."""
+        cancelled = threading.Event()
+        try:
+            probe = await self.run(
+                self._retrying, source, lambda: source.probe(self.config.header_prefetch), cancelled,
+                lambda: Location(None, 0, self.config.header_prefetch, 0),
+            )
+        except BaseException:
+            cancelled.set()
+            raise
+        self.stats.add(requests=1, nbytes=len(probe.prefix))
+        return probe
+
     def _fetch_part(self, source: Source, part: Part, destination: Destination, cancelled: threading.Event) -> None:
-        """Read one part, retrying with backoff; each retry asks only for the bytes still missing."""
+        """Read one part; a retry asks only for the bytes still missing."""
         reader = _PartReader(part, destination, self._gap_scratch(), cancelled)
-        attempt = 0
+
+        def attempt() -> None:
+            stream = source.open_range(reader.position, part.end)
+            before = reader.position
+            self.stats.add(requests=1)
+            try:
+                reader.read(stream, url=source.url)
+            finally:
+                self.stats.add(nbytes=reader.position - before)
+                stream.close(reusable=reader.position == part.end)
+
+        self._retrying(source, attempt, cancelled, reader.location)
+
+    def _retrying(
+        self, source: Source, attempt: Callable[[], T], cancelled: threading.Event, locate: Callable[[], Location]
+    ) -> T:
+        """Call ``attempt`` until it succeeds, retrying transient faults with capped, jittered backoff."""
+        failures = 0
         while True:
             if cancelled.is_set():
                 raise LoadCancelled()
-            received = 0
             try:
-                stream = source.open_range(reader.position, part.end)
-                before = reader.position
-                self.stats.add(requests=1)
-                try:
-                    reader.read(stream, url=source.url)
-                finally:
-                    received = reader.position - before
-                    stream.close(reusable=reader.position == part.end)
-                self.stats.add(nbytes=received)
-                return
+                return attempt()
             except _RETRYABLE as exc:
-                self.stats.add(nbytes=received)
-                attempt += 1
-                if attempt > self.config.retries:
-                    raise _give_up(source.url, part, reader.position, attempt, exc) from exc
-                delay = self._backoff(attempt, exc)
+                failures += 1
+                where = locate()
+                if failures > self.config.retries:
+                    raise _give_up(source.url, where, failures, exc) from exc
+                delay = self._backoff(failures, exc)
                 logger.warning(
-                    "%s: bytes %d-%d: %s; retry %d of %d in %.2fs from byte %d",
-                    source.url, part.start, part.end - 1, _describe(exc), attempt, self.config.retries,
-                    delay, reader.position,
+                    "%s: %s: %s; retry %d of %d in %.2fs from byte %d",
+                    source.url, where, _describe(exc), failures, self.config.retries, delay, where.position,
                 )
                 self.stats.add(retries=1)
                 if cancelled.wait(delay):
@@ -148,6 +182,10 @@ class _PartReader:
     def __init__(self, part: Part, destination: Destination, scratch: memoryview, cancelled: threading.Event) -> None:
         self.part, self.position = part, part.start
         self._destination, self._scratch, self._cancelled = destination, scratch, cancelled
+
+    def location(self) -> Location:
+        piece = next((p for p in self.part.pieces if p.end > self.position), self.part.pieces[-1])
+        return Location(str(piece.key), self.part.start, self.part.end, self.position)
 
     def read(self, stream: ByteStream, *, url: str) -> None:
         for piece in self.part.pieces:
@@ -180,15 +218,10 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-def _give_up(url: str, part: Part, position: int, attempts: int, exc: BaseException) -> FetchError:
+def _give_up(url: str, where: Location, attempts: int, exc: BaseException) -> FetchError:
     cls = IncompleteReadError if isinstance(exc, IncompleteReadError) else FetchError
-    tensor = next((str(p.key) for p in part.pieces if p.end > position), None)
     return cls(
-        f"{url}: tensor {tensor!r}: bytes {part.start}-{part.end - 1} failed after {attempts} attempts "
-        f"({part.end - position} bytes missing from byte {position}): {_describe(exc)}",
-        url=url,
-        tensor=tensor,
-        start=position,
-        end=part.end,
+        f"{url}: {where}: failed after {attempts} attempts ({where.end - where.position} bytes missing): "
+        f"{_describe(exc)}",
+        url=url, tensor=where.tensor, start=where.position, end=where.end,
     )
-

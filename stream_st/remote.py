@@ -35,8 +35,7 @@ class RemoteFile:
         config = engine.config
         source = open_source(url, engine.pool, storage_options)
         try:
-            probe = await engine.run(source.probe, config.header_prefetch)
-            engine.stats.add(requests=1, nbytes=len(probe.prefix))
+            probe = await engine.probe(source)
             size = declared_header_size(
                 probe.prefix, url=source.url, file_size=probe.size, max_header_size=config.max_header_size
             )

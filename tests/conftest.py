@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from checkpoints import all_dtypes_state, layered_state, tiny_state, write
 from servers import Nginx, RangeServer
 

@@ -33,6 +33,7 @@ class Quirks:
 
     ignore_range: bool = False  # answer 200 with the whole object
     short_body_once: int = 0  # cut this many ranged bodies short (then behave)
+    short_body_from: int = 0  # ...counting only ranges that start at or after this byte
     status_once: list[int] = field(default_factory=list)  # answer these statuses first, in order
     retry_after: str | None = None
     wrong_content_range: bool = False
@@ -86,6 +87,7 @@ class RangeServer:
         asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+        self._loop.close()
 
     def _record(self, request: web.Request, status: int, sent: int) -> None:
         with self._lock:
@@ -122,7 +124,7 @@ class RangeServer:
         body = data[start : last + 1]
         shown_start = start + 1 if quirks.wrong_content_range else start
         headers["Content-Range"] = f"bytes {shown_start}-{last}/{len(data)}"
-        if quirks.short_body_once > 0:
+        if quirks.short_body_once > 0 and start >= quirks.short_body_from:
             quirks.short_body_once -= 1
             # Promise the full length, send half, then drop the connection: a truncated body.
             response = web.StreamResponse(status=206, headers={**headers, "Content-Length": str(len(body))})
@@ -148,8 +150,8 @@ pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
 events {{ worker_connections 256; }}
 http {{
-    access_log {dir}/access.log ranged;
     log_format ranged '$request_uri|$http_range|$status|$body_bytes_sent';
+    access_log {dir}/access.log ranged;
     client_body_temp_path {dir}/tmp;
     proxy_temp_path {dir}/tmp;
     fastcgi_temp_path {dir}/tmp;
@@ -175,7 +177,9 @@ class Nginx:
         user = "user root;\n" if os.geteuid() == 0 else ""
         conf.write_text(user + _NGINX_CONF.format(dir=workdir, port=self.port, root=root))
         self.access_log = workdir / "access.log"
-        self.process = subprocess.Popen([binary, "-p", str(workdir), "-c", str(conf)], stderr=subprocess.PIPE)
+        stderr = workdir / "stderr.log"
+        with stderr.open("wb") as sink:
+            self.process = subprocess.Popen([binary, "-p", str(workdir), "-c", str(conf)], stderr=sink)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -183,7 +187,7 @@ class Nginx:
                 break
             except OSError:
                 if self.process.poll() is not None:
-                    raise RuntimeError(f"nginx exited: {self.process.stderr.read().decode()}")  # type: ignore[union-attr]
+                    raise RuntimeError(f"nginx exited: {stderr.read_text()}")
                 time.sleep(0.05)
         self.base = f"http://127.0.0.1:{self.port}"
 
