@@ -15,6 +15,8 @@ import fnmatch
 import json
 import os
 import struct
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,7 +74,8 @@ def ensure_checkpoint(out_dir: Path, size_gib: float) -> Path:
     if not path.exists():
         print(f"generating {path.name} (hidden {hidden}, ~{layout_bytes(hidden) / (1 << 30):.2f} GiB) ...",
               flush=True)
-        _write(path, hidden)
+        # In a child process: the parent stays small (it forks every contender) and gets no torch import.
+        subprocess.run([sys.executable, __file__, str(path), str(hidden)], check=True)
     # nginx workers may run as another user: the file and every folder above it must be readable.
     os.chmod(path, 0o644)
     for folder in (data_dir, out_dir):
@@ -125,3 +128,7 @@ def read_header(path: Path) -> HeaderInfo:
     spans = {name: (base + info["data_offsets"][0], base + info["data_offsets"][1])
              for name, info in header.items() if name != "__metadata__"}
     return HeaderInfo(header_bytes=base, spans=spans, file_bytes=path.stat().st_size)
+
+
+if __name__ == "__main__":  # the generator child: checkpoint.py PATH HIDDEN
+    _write(Path(sys.argv[1]), int(sys.argv[2]))

@@ -80,6 +80,10 @@ def summarize(results: list[Any], header: Any, expected: dict[str, int]) -> list
     return rows
 
 
+def _fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
 def _get(rows: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
     return next((r for r in rows if r["key"] == key and "median_s" in r), None)
 
@@ -101,7 +105,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         ratio = f"{pulled / r['needed_bytes']:.4f}" if r["needed_bytes"] else "—"
         out.append(
             f"| {r['label']} | {r['median_s']:.2f}{failed} | {r['min_s']:.2f}–{r['max_s']:.2f} "
-            f"| {r.get('gbps', 0):.2f} | {r.get('x_curl', float('nan')):.2f} "
+            f"| {_fmt(r.get('gbps'))} | {_fmt(r.get('x_curl'))} "
             f"| {_median_int(r['requests'])} | {_median_int(r['bytes'])} | {ratio} "
             f"| {r['rss_mib']:.0f} | {check} |"
         )

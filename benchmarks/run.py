@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -94,8 +95,10 @@ def run_once(argv: list[str], env: dict[str, str], server: Nginx) -> Run:
             # It adds ~1 ms to every run, the same for every contender.
             argv = [GNU_TIME, "-f", "%M", "-o", rss_file.name, *argv]
         started = time.perf_counter()
-        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        watchdog = threading.Timer(RUN_TIMEOUT_S, process.kill)
+        # Its own process group, so a hung run is killed with everything it started (GNU time included).
+        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                   start_new_session=True)
+        watchdog = threading.Timer(RUN_TIMEOUT_S, os.killpg, (process.pid, signal.SIGKILL))
         watchdog.start()
         _, status, usage = os.wait4(process.pid, 0)  # same timing as subprocess.run, plus rusage
         wall = time.perf_counter() - started
@@ -180,6 +183,8 @@ def main() -> int:
     chosen = [c for c in CONTENDERS if not args.only or c.key in args.only]
     results = [Result(c) for c in chosen]
     machine = report.machine_info()
+    machine["peak RSS from"] = ("GNU time %M of each child" if GNU_TIME else
+                                "wait4 ru_maxrss (an upper bound: at least this script's RSS at fork)")
     with serve(root=local.parent, prefix=out / "nginx") as server:
         url = server.url(local)
         print(f"nginx on {url}", flush=True)

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create .venv in the repository and install stream_st with its test tools. Idempotent.
+# torch is pinned: 2.13.0 is the CPU build these machines carry; an unpinned torch pulls a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet "torch==2.13.0" -e ".[test]"
+# nginx is one of the real HTTP servers the tests use (Debian package; skipped quietly where apt is absent).
+if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ] && command -v apt-get >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then
+        apt-get update -qq >/dev/null && apt-get install -y -qq nginx-light >/dev/null || echo "setup: could not install nginx" >&2
+    else
+        echo "setup: nginx is not installed; its tests will be skipped (sudo apt-get install nginx-light)" >&2
+    fi
+fi
