@@ -1,0 +1,178 @@
+"""The safetensors-like API over local files, file:// and memory:// (fsspec), plus load_model, async
+twins, cancellation and clean-up."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import fsspec
+import pytest
+import safetensors.torch
+import torch
+from torch import nn
+
+import stream_st as sst
+from checkpoints import assert_same, assert_tensor_same, layered_state, write
+from servers import RangeServer
+
+
+def reference(root: Path, name: str) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(str(root / name))
+
+
+@pytest.mark.parametrize("form", ["path", "file-url"])
+@pytest.mark.parametrize("name", ["dtypes.safetensors", "layered.safetensors", "tiny.safetensors"])
+def test_local_files_bit_exact(root: Path, name: str, form: str) -> None:
+    url = str(root / name) if form == "path" else (root / name).as_uri()
+    assert_same(sst.load_file(url, part_size=65536), reference(root, name))
+
+
+def test_memory_filesystem_through_fsspec(root: Path) -> None:
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/ckpt/layered.safetensors", (root / "layered.safetensors").read_bytes())
+    try:
+        loaded = sst.load_file("memory://ckpt/layered.safetensors", header_prefetch=1024, part_size=100_000)
+        assert_same(loaded, reference(root, "layered.safetensors"))
+        with sst.safe_open("memory://ckpt/layered.safetensors") as handle:
+            assert_tensor_same(handle.get_slice("lm_head.weight")[3:7],
+                               reference(root, "layered.safetensors")["lm_head.weight"][3:7])
+    finally:
+        fs.rm("/ckpt", recursive=True)
+
+
+def test_missing_local_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        sst.load_file(str(tmp_path / "absent.safetensors"))
+
+
+def test_safe_open_mirrors_safetensors(http: RangeServer, root: Path) -> None:
+    from safetensors import safe_open as reference_open
+
+    path = root / "dtypes.safetensors"
+    with sst.safe_open(http.url(path.name), framework="pt") as ours, reference_open(str(path), "pt") as theirs:
+        assert ours.keys() == theirs.keys()
+        assert ours.offset_keys() == theirs.offset_keys()
+        assert ours.metadata() == theirs.metadata()
+        for name in ["F32.odd", "BOOL.scalar", "BF16.empty"]:
+            assert_tensor_same(ours.get_tensor(name), theirs.get_tensor(name), name)
+            assert ours.get_slice(name).get_shape() == theirs.get_slice(name).get_shape()
+            assert ours.get_slice(name).get_dtype() == theirs.get_slice(name).get_dtype()
+        both = ours.get_tensors(["I64.vector", "F16.odd"])
+        assert_tensor_same(both["F16.odd"], theirs.get_tensor("F16.odd"))
+        assert_tensor_same(ours.get_slice("F64.odd")[1:, ::2], theirs.get_slice("F64.odd")[1:, ::2])
+        with pytest.raises(sst.TensorNotFoundError, match="no tensor named 'F32.od'.*did you mean 'F32.odd'"):
+            ours.get_tensor("F32.od")
+    with pytest.raises(RuntimeError, match="the handle is closed"):
+        ours.get_tensor("F32.odd")
+
+
+def test_dtype_cast_only_touches_floating_tensors(root: Path) -> None:
+    loaded = sst.load_file(str(root / "dtypes.safetensors"), tensors=["F32.odd", "I32.odd"], dtype=torch.float16)
+    expected = reference(root, "dtypes.safetensors")
+    assert loaded["F32.odd"].dtype == torch.float16
+    assert torch.equal(loaded["F32.odd"], expected["F32.odd"].to(torch.float16))
+    assert_tensor_same(loaded["I32.odd"], expected["I32.odd"])
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.body = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.embed.weight  # tied, as in many language models
+        self.register_buffer("scale", torch.tensor([2.0]))
+
+
+def test_load_model_matches_safetensors_with_tied_weights(tmp_path: Path) -> None:
+    source = Tiny()
+    path = tmp_path / "tiny.safetensors"
+    safetensors.torch.save_model(source, str(path))
+    ours, theirs = Tiny(), Tiny()
+    assert sst.load_model(ours, str(path)) == ([], [])
+    safetensors.torch.load_model(theirs, str(path))
+    for (name, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+        assert_tensor_same(a, b, name)
+    assert ours.head.weight is ours.embed.weight
+
+
+def test_load_model_on_meta_device_with_assign(tmp_path: Path) -> None:
+    source = Tiny()
+    path = tmp_path / "tiny.safetensors"
+    safetensors.torch.save_model(source, str(path))
+    with torch.device("meta"):
+        model = Tiny()
+    missing, unexpected = sst.load_model(model, str(path), assign=True)
+    assert (missing, unexpected) == ([], [])
+    assert not any(p.is_meta for p in model.parameters())
+    assert model.head.weight is model.embed.weight
+    assert torch.equal(model.embed.weight, source.embed.weight)
+    assert torch.equal(model.scale, source.scale)
+
+
+def test_load_model_strict_reports_like_safetensors(tmp_path: Path) -> None:
+    path = write(tmp_path / "other.safetensors", {"embed.weight": torch.zeros(10, 4), "extra": torch.zeros(1)})
+    with pytest.raises(RuntimeError) as ours:
+        sst.load_model(Tiny(), str(path))
+    with pytest.raises(RuntimeError) as theirs:
+        safetensors.torch.load_model(Tiny(), str(path))
+    assert str(ours.value) == str(theirs.value)
+    missing, unexpected = sst.load_model(Tiny(), str(path), strict=False)
+    assert (sorted(missing), sorted(unexpected)) == (["body.bias", "body.weight", "scale"], ["extra"])
+
+
+def test_async_twins(http: RangeServer, root: Path) -> None:
+    url = http.url("layered.safetensors")
+    expected = reference(root, "layered.safetensors")
+
+    async def main() -> None:
+        assert_same(await sst.load_file_async(url, part_size=65536), expected)
+        header = await sst.read_header_async(url)
+        assert header.offset_keys() == list(sst.read_header(str(root / "layered.safetensors")).tensors)
+        async with sst.safe_open_async(url) as handle:
+            assert_tensor_same(await handle.get_tensor("lm_head.weight"), expected["lm_head.weight"])
+            assert_tensor_same(await handle.get_slice("lm_head.weight").read(slice(5, 9)), expected["lm_head.weight"][5:9])
+        names = [name async for name, _ in sst.iter_tensors_async(url, max_inflight_bytes=100_000)]
+        assert names == header.offset_keys()
+        # The sync API works from inside a running loop (it runs on its own IO thread).
+        assert_same(sst.load_file(url, tensors="lm_head.*"), {"lm_head.weight": expected["lm_head.weight"]})
+
+    asyncio.run(main())
+
+
+def test_cancelled_load_leaves_no_threads_and_next_load_works(http: RangeServer, root: Path, tmp_path: Path) -> None:
+    big = write(root / "big.safetensors", layered_state(layers=8, width=512))
+    url = http.url(big.name)
+    before = {t.name for t in threading.enumerate()}
+
+    async def cancel_midway() -> None:
+        task = asyncio.ensure_future(sst.load_file_async(url, part_size=8192, max_concurrency=2))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    try:
+        asyncio.run(cancel_midway())
+        leftover = {t.name for t in threading.enumerate()} - before
+        assert not [name for name in leftover if name.startswith("stream_st-")]
+        assert_same(sst.load_file(url), reference(root, big.name))
+    finally:
+        big.unlink()
+
+
+def test_timeout_bounds_a_stalled_load(http: RangeServer) -> None:
+    http.quirks.status_once = [503] * 50
+    http.quirks.retry_after = "5"
+    url = http.url("small.safetensors")
+    with pytest.raises(TimeoutError, match=f"{url}: load did not finish within timeout=0.5s"):
+        sst.load_file(url, timeout=0.5, retries=50)
+
+
+def test_iter_tensors_closed_early_cancels(http: RangeServer) -> None:
+    iterator = sst.iter_tensors(http.url("layered.safetensors"), max_inflight_bytes=10_000)
+    first = next(iterator)
+    assert first[0] == sst.read_header(http.url("layered.safetensors")).offset_keys()[0]
+    iterator.close()  # type: ignore[attr-defined]
