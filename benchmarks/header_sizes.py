@@ -29,6 +29,16 @@ ITEMSIZE = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 
 PREFETCH = [("64 KiB", 64 * 1024), ("100 kB", 100_000), ("256 KiB", 256 * 1024), ("1 MiB", 1 << 20)]
 
 
+def data_bytes(tensors: list[Tensor]) -> int:
+    total = 0
+    for _, dtype, shape in tensors:
+        n = ITEMSIZE[dtype]
+        for d in shape:
+            n *= d
+        total += n
+    return total
+
+
 def header_bytes(tensors: list[Tensor], metadata: dict[str, str] | None = None) -> int:
     """Bytes before the first tensor byte: the 8-byte length prefix + the padded JSON header."""
     # safetensors lays data out by dtype alignment (largest first), then by name; offsets follow.
@@ -128,6 +138,12 @@ def deepseek_fp8_shard() -> list[Tensor]:
     return [t for i in range(10, 12) for t in deepseek_layer(i, 256, fp8=True)]
 
 
+def deepseek_published_shard() -> list[Tensor]:
+    """A shard as DeepSeek-V3 is published (~4.3 GB each, FP8): 97 routed experts of one layer."""
+    wanted = tuple(f"mlp.experts.{e}." for e in range(100, 197))
+    return [t for t in deepseek_layer(10, 197, fp8=True) if any(w in t[0] for w in wanted)]
+
+
 def experts_2000_shard() -> list[Tensor]:
     """A hypothetical 2,000-expert MoE layer, each expert its own gate/up/down (BF16), in one shard."""
     return deepseek_layer(10, 2000, fp8=False)
@@ -147,6 +163,7 @@ LAYOUTS = [
     ("Mixtral-8x7B, all 32 layers in one file", mixtral_8x7b),
     ("DeepSeek-V3-like shard, BF16, 3 MoE layers × 256 experts", deepseek_bf16_shard),
     ("DeepSeek-V3-like shard, FP8 + scales, 2 MoE layers × 256 experts", deepseek_fp8_shard),
+    ("DeepSeek-V3 as published: one ~4.3 GB FP8 shard (97 experts)", deepseek_published_shard),
     ("MoE shard, 1 layer × 2,000 experts (BF16)", experts_2000_shard),
 ]
 
@@ -192,16 +209,18 @@ def main() -> int:
     if note:
         print(note)
     print()
-    print("| layout | tensors | header bytes | KiB | " + " | ".join(f"≤ {label}" for label, _ in PREFETCH) + " |")
-    print("|---|---:|---:|---:|" + "---|" * len(PREFETCH))
+    print("| layout | tensors | shard GB | header bytes | KiB | " + " | ".join(f"≤ {label}" for label, _ in PREFETCH) + " |")
+    print("|---|---:|---:|---:|---:|" + "---|" * len(PREFETCH))
     for label, build in LAYOUTS:
         tensors = build()
         size = header_bytes(tensors)
         fits = " | ".join("yes" if size <= limit else "**no**" for _, limit in PREFETCH)
-        print(f"| {label} | {len(tensors):,} | {size:,} | {size / 1024:.1f} | {fits} |")
+        print(f"| {label} | {len(tensors):,} | {data_bytes(tensors) / 1e9:.1f} | {size:,} | {size / 1024:.1f} | {fits} |")
     print()
     print("'header bytes' = 8-byte length prefix + padded JSON: what the first ranged GET must cover to avoid")
     print("a second round trip. A column is 'yes' when a prefetch of that size holds the whole header.")
+    print("'shard GB' = tensor bytes in that file: published shards are usually 2-10 GB, which caps how many")
+    print("tensors (and so header bytes) one file holds; the larger MoE rows are stress cases, not published files.")
     return 0
 
 

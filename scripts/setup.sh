@@ -8,7 +8,7 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet "torch==2.13.0" -e ".[test]"
+.venv/bin/python -m pip install --quiet "torch==2.13.0" -e ".[test,dev-tools]"
 # nginx is one of the real HTTP servers the tests use (Debian package; skipped quietly where apt is absent).
 if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ] && command -v apt-get >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ]; then

@@ -2,4 +2,4 @@
 # Run the whole test suite. The tests start (and stop) every server they need on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec .venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest "$@"

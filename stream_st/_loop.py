@@ -8,10 +8,11 @@ child starts a fresh loop.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import threading
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from collections.abc import Awaitable
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -39,7 +40,7 @@ def get_loop() -> asyncio.AbstractEventLoop:
         return _loop
 
 
-def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+def run_sync(coro: Awaitable[T]) -> T:
     """Run ``coro`` on the IO loop and wait; Ctrl-C cancels it and waits until it has cleaned up."""
     loop = get_loop()
     try:
@@ -47,7 +48,8 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     except RuntimeError:
         running = None
     if running is loop:
-        coro.close()
+        if inspect.iscoroutine(coro):
+            coro.close()
         raise RuntimeError("stream_st's sync API was called from its own IO loop; use the *_async function")
     finished = threading.Event()
 

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -25,9 +25,7 @@ Device = str | int | torch.device
 
 
 @contextlib.asynccontextmanager
-async def open_remote(
-    url: str, config: Config, storage_options: Mapping[str, Any] | None
-) -> AsyncIterator[RemoteFile]:
+async def open_remote(url: str, config: Config, storage_options: Mapping[str, Any] | None) -> AsyncIterator[RemoteFile]:
     """An engine and one opened file, both closed on exit; logs one summary line per load."""
     engine = Engine(config)
     started = time.perf_counter()
@@ -43,8 +41,12 @@ async def open_remote(
         stats = engine.stats
         logger.debug(
             "%s: %d bytes in %d requests (%d retries), %.3fs, %.2f GB/s",
-            url if "://" not in url else url.split("?")[0], stats.bytes, stats.requests, stats.retries,
-            seconds, stats.bytes / seconds / 1e9 if seconds else 0.0,
+            url if "://" not in url else url.split("?")[0],
+            stats.bytes,
+            stats.requests,
+            stats.retries,
+            seconds,
+            stats.bytes / seconds / 1e9 if seconds else 0.0,
         )
 
 
@@ -158,7 +160,7 @@ async def iter_tensors_async(
     storage_options: Mapping[str, Any] | None = None,
     config: Config | None = None,
     **options: Any,
-) -> AsyncIterator[tuple[str, torch.Tensor]]:
+) -> AsyncGenerator[tuple[str, torch.Tensor], None]:
     """Yield ``(name, tensor)`` in file order while later tensors download, with bounded memory.
 
     Tensors are fetched in batches of about ``max_inflight_bytes``; the next batch downloads while the
@@ -301,8 +303,15 @@ def load_model(
     """Sync twin of [`load_model_async`]."""
     return run_sync(
         load_model_async(
-            model, url, strict, device, assign=assign, dtype=dtype, storage_options=storage_options,
-            config=config, **options,
+            model,
+            url,
+            strict,
+            device,
+            assign=assign,
+            dtype=dtype,
+            storage_options=storage_options,
+            config=config,
+            **options,
         )
     )
 

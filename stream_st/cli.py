@@ -36,30 +36,38 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     header = read_header(args.url, **_options(args))
     if args.json:
-        print(json.dumps({
-            "url": header.url,
-            "file_size": header.file_size,
-            "header_size": header.header_size,
-            "metadata": header.metadata,
-            "tensors": [
-                {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "offsets": [t.start, t.end]}
-                for t in header
-            ],
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "url": header.url,
+                    "file_size": header.file_size,
+                    "header_size": header.header_size,
+                    "metadata": header.metadata,
+                    "tensors": [
+                        {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "offsets": [t.start, t.end]}
+                        for t in header
+                    ],
+                },
+                indent=2,
+            )
+        )
         return 0
     width = max((len(t.name) for t in header), default=4)
     print(f"{'name':<{width}}  {'dtype':<8} {'shape':<22} {'bytes':>12}  offsets")
     for t in header:
         print(f"{t.name:<{width}}  {t.dtype:<8} {str(list(t.shape)):<22} {t.nbytes:>12}  [{t.start}, {t.end})")
-    print(f"\n{len(header)} tensors, {_size(header.data_size)} of data, header {header.header_size} bytes, "
-          f"object {_size(header.file_size)}")
+    print(
+        f"\n{len(header)} tensors, {_size(header.data_size)} of data, header {header.header_size} bytes, "
+        f"object {_size(header.file_size)}"
+    )
     if header.metadata:
         print("metadata: " + json.dumps(header.metadata))
     return 0
 
 
-async def _timed_load(url: str, selection: list[str] | None, dtype: Any, device: str,
-                      storage_options: dict[str, Any] | None) -> dict[str, Any]:
+async def _timed_load(
+    url: str, selection: list[str] | None, dtype: Any, device: str, storage_options: dict[str, Any] | None
+) -> dict[str, Any]:
     """Load and report what it cost: seconds, bytes, requests, time to first tensor."""
     from .api import finish, open_remote
     from .config import Config
@@ -74,16 +82,25 @@ async def _timed_load(url: str, selection: list[str] | None, dtype: Any, device:
         tensors = {name: finish(hosts.pop(name), device, dtype) for name in names}
         stats = file.engine.stats
     seconds = time.perf_counter() - started
-    return {"tensors": tensors, "seconds": seconds, "header_seconds": header_seconds, "bytes": stats.bytes,
-            "requests": stats.requests, "retries": stats.retries,
-            "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
+    return {
+        "tensors": tensors,
+        "seconds": seconds,
+        "header_seconds": header_seconds,
+        "bytes": stats.bytes,
+        "requests": stats.requests,
+        "retries": stats.retries,
+        "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+    }
 
 
 def _print_report(report: dict[str, Any]) -> None:
     seconds = report["seconds"]
-    print(f"loaded {len(report['tensors'])} tensors, {_size(report['tensor_bytes'])} in {seconds:.3f} s "
-          f"({report['bytes'] / seconds / 1e9:.2f} GB/s on the wire); {report['requests']} requests, "
-          f"{_size(report['bytes'])} pulled, {report['retries']} retries; header in {report['header_seconds']*1e3:.1f} ms")
+    print(
+        f"loaded {len(report['tensors'])} tensors, {_size(report['tensor_bytes'])} in {seconds:.3f} s "
+        f"({report['bytes'] / seconds / 1e9:.2f} GB/s on the wire); {report['requests']} requests, "
+        f"{_size(report['bytes'])} pulled, {report['retries']} retries; "
+        f"header in {report['header_seconds'] * 1e3:.1f} ms"
+    )
 
 
 _DTYPES = {"f16": "float16", "fp16": "float16", "bf16": "bfloat16", "f32": "float32", "fp32": "float32"}
@@ -109,9 +126,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         report = asyncio.run(_timed_load(url, None, None, "cpu", None))
         _print_report(report)
         expected = safetensors.torch.load_file(str(path))
-        same = all(
-            torch.equal(report["tensors"][n].view(torch.uint8), t.view(torch.uint8)) for n, t in expected.items()
-        ) and report["tensors"].keys() == expected.keys()
+        same = (
+            all(torch.equal(report["tensors"][n].view(torch.uint8), t.view(torch.uint8)) for n, t in expected.items())
+            and report["tensors"].keys() == expected.keys()
+        )
         print(f"bit-exact against safetensors.torch.load_file: {'yes' if same else 'NO'}")
         partial = asyncio.run(_timed_load(url, ["model.layers.1.*"], None, "cpu", None))
         print("partial load of model.layers.1.*: ", end="")
@@ -126,8 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, description=help_text,
-                                  epilog=f"example:\n  {EXAMPLES[name]}", formatter_class=argparse.RawTextHelpFormatter)
+        sub = commands.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=f"example:\n  {EXAMPLES[name]}",
+            formatter_class=argparse.RawTextHelpFormatter,
+        )
         if name != "demo":
             sub.add_argument("url", help="https://, s3://, gs://, hf://, file:// URL or a local path")
             sub.add_argument("--storage-options", help="JSON passed to fsspec (credentials, endpoint)")

@@ -30,10 +30,10 @@ Destination = Callable[[Hashable], memoryview]
 # Bytes per readinto call: small enough to notice a cancel quickly, large enough to cost nothing.
 _CHUNK = 8 << 20
 _GAP_SCRATCH = 1 << 20
-_RETRYABLE = (*TRANSIENT_ERRORS, IncompleteReadError)
+_RETRYABLE: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, IncompleteReadError)
 
 
-class LoadCancelled(Exception):
+class LoadCancelledError(Exception):
     """Raised inside a worker when the load it serves has failed or was cancelled."""
 
 
@@ -113,8 +113,11 @@ class Engine:
         """The source's first ``header_prefetch`` bytes, size and version, retried like any range."""
         cancelled = threading.Event()
         try:
-            probe = await self.run(
-                self._retrying, source, lambda: source.probe(self.config.header_prefetch), cancelled,
+            probe: Probe = await self.run(
+                self._retrying,
+                source,
+                lambda: source.probe(self.config.header_prefetch),
+                cancelled,
                 lambda: Location(None, 0, self.config.header_prefetch, 0),
             )
         except BaseException:
@@ -146,7 +149,7 @@ class Engine:
         failures = 0
         while True:
             if cancelled.is_set():
-                raise LoadCancelled()
+                raise LoadCancelledError()
             try:
                 return attempt()
             except _RETRYABLE as exc:
@@ -157,17 +160,25 @@ class Engine:
                 delay = self._backoff(failures, exc)
                 logger.warning(
                     "%s: %s: %s; retry %d of %d in %.2fs from byte %d",
-                    source.url, where, _describe(exc), failures, self.config.retries, delay, where.position,
+                    source.url,
+                    where,
+                    _describe(exc),
+                    failures,
+                    self.config.retries,
+                    delay,
+                    where.position,
                 )
                 self.stats.add(retries=1)
                 if cancelled.wait(delay):
-                    raise LoadCancelled() from exc
+                    raise LoadCancelledError() from exc
 
     def _backoff(self, attempt: int, exc: BaseException) -> float:
         cap = min(self.config.backoff_max, self.config.backoff_base * 2 ** (attempt - 1))
         delay = random.uniform(0, cap)  # full jitter: retries from many workers do not line up
         hint = getattr(exc, "retry_after", None)
-        return max(delay, min(hint, self.config.backoff_max)) if isinstance(exc, RetryableStatusError) and hint else delay
+        return (
+            max(delay, min(hint, self.config.backoff_max)) if isinstance(exc, RetryableStatusError) and hint else delay
+        )
 
     def _gap_scratch(self) -> memoryview:
         scratch = getattr(self._scratch, "buffer", None)
@@ -200,7 +211,7 @@ class _PartReader:
             stop = piece.dest_offset + piece.size
             while begin < stop:
                 if self._cancelled.is_set():
-                    raise LoadCancelled()
+                    raise LoadCancelledError()
                 chunk = target[begin : min(stop, begin + _CHUNK)]
                 read_exactly(stream, chunk, url=url, start=self.position)
                 begin += len(chunk)
@@ -223,5 +234,8 @@ def _give_up(url: str, where: Location, attempts: int, exc: BaseException) -> Fe
     return cls(
         f"{url}: {where}: failed after {attempts} attempts ({where.end - where.position} bytes missing): "
         f"{_describe(exc)}",
-        url=url, tensor=where.tensor, start=where.position, end=where.end,
+        url=url,
+        tensor=where.tensor,
+        start=where.position,
+        end=where.end,
     )

@@ -104,12 +104,12 @@ def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
     seen: dict[str, object] = {}
     for key, value in pairs:
         if key in seen:
-            raise _DuplicateKey(key)
+            raise _DuplicateKeyError(key)
         seen[key] = value
     return seen
 
 
-class _DuplicateKey(Exception):
+class _DuplicateKeyError(Exception):
     pass
 
 
@@ -129,7 +129,7 @@ def parse_header(raw: bytes, *, url: str, file_size: int) -> Header:
         raise HeaderError(f"{url}: header must be a JSON object starting with '{{', got {text[:20]!r}", url=url)
     try:
         doc = json.loads(text, object_pairs_hook=_reject_duplicates)
-    except _DuplicateKey as exc:
+    except _DuplicateKeyError as exc:
         raise HeaderError(f"{url}: header has the key {exc.args[0]!r} more than once", url=url) from None
     except RecursionError:
         raise HeaderError(f"{url}: header JSON is nested too deeply", url=url) from None
@@ -139,9 +139,7 @@ def parse_header(raw: bytes, *, url: str, file_size: int) -> Header:
         raise HeaderError(f"{url}: header must be a JSON object", url=url)
 
     metadata = doc.pop(METADATA_KEY, None)
-    if metadata is not None and not (
-        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
-    ):
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
         raise HeaderError(f"{url}: {METADATA_KEY} must map strings to strings", url=url)
 
     data_start = LENGTH_PREFIX + header_size
@@ -163,8 +161,11 @@ def parse_header(raw: bytes, *, url: str, file_size: int) -> Header:
                 )
             raise HeaderError(f"{url}: {what}", url=url, tensor=name)
         if end < begin:
-            raise HeaderError(f"{url}: tensor {name!r} has data_offsets [{begin}, {end}] that end before they start",
-                              url=url, tensor=name)
+            raise HeaderError(
+                f"{url}: tensor {name!r} has data_offsets [{begin}, {end}] that end before they start",
+                url=url,
+                tensor=name,
+            )
         bits = _bits_needed(shape, DTYPE_BITS[dtype], limit=_MAX_BITS)
         if bits is None or bits % 8 or bits // 8 != end - begin:
             needs = "more than 2**64 bytes" if bits is None else f"{bits / 8:g} bytes"

@@ -69,7 +69,7 @@ class RemoteFile:
             outputs[name] = out
             views[name] = view = out.view()
             wants.extend(self._take_from_prefix(Want(name, start, start + len(view)), view))
-        await self.engine.fetch(self.source, wants, views.__getitem__)
+        await self.engine.fetch(self.source, wants, lambda key: views[str(key)])
         self.source.check_unchanged()
         return outputs
 

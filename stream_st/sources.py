@@ -54,10 +54,10 @@ class Source(ABC):
     def open_range(self, start: int, end: int) -> ByteStream:
         """Start reading bytes [start, end) of the version seen by ``probe``."""
 
-    def check_unchanged(self) -> None:
+    def check_unchanged(self) -> None:  # noqa: B027 - optional hook; most sources check on every request
         """Raise ObjectChangedError if the object is known to have changed since ``probe``."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook
         """Release what the source holds (file descriptors)."""
 
     def _remember(self, probe: Probe) -> Probe:
@@ -208,7 +208,10 @@ class FsspecSource(Source):
         data = self.fs.cat_file(self.path, start=start, end=end)
         if len(data) > end - start:
             raise RangeNotSupportedError(
-                f"{self.url}: asked for bytes {start}-{end - 1}, got {len(data)} bytes", url=self.url, start=start, end=end
+                f"{self.url}: asked for bytes {start}-{end - 1}, got {len(data)} bytes",
+                url=self.url,
+                start=start,
+                end=end,
             )
         return _BytesRange(data)  # a short answer surfaces as IncompleteReadError in read_exactly
 
@@ -222,5 +225,5 @@ def open_source(url: str, pool: ConnectionPool, storage_options: Mapping[str, An
         headers.update((options.get("client_kwargs") or {}).get("headers") or {})
         return HttpSource(url, pool, headers)
     if scheme in ("", "file", "local"):
-        return LocalSource(url[len("local://"):] if scheme == "local" else url)
+        return LocalSource(url[len("local://") :] if scheme == "local" else url)
     return FsspecSource(url, options)

@@ -16,6 +16,7 @@ import ssl
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 from .errors import FetchError, ObjectChangedError, RangeNotSupportedError
@@ -32,8 +33,8 @@ RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 class RetryableStatusError(FetchError):
     """A status that says "try again" (429, 5xx); ``retry_after`` is the server's hint in seconds."""
 
-    def __init__(self, message: str, *, retry_after: float | None = None, **context: object) -> None:
-        super().__init__(message, **context)  # type: ignore[arg-type]
+    def __init__(self, message: str, *, retry_after: float | None = None, **context: Any) -> None:
+        super().__init__(message, **context)
         self.retry_after = retry_after
 
 
@@ -216,7 +217,7 @@ def _check(
     """Raise unless the response carries exactly the bytes asked for; return the object's size."""
     status = response.status
     asked = f"bytes {start}-{end - 1}"
-    context = {"url": url, "start": start, "end": end}
+    context: dict[str, Any] = {"url": url, "start": start, "end": end}
     if status == 404:
         raise FileNotFoundError(f"{url}: not found (HTTP 404)")
     if status in (401, 403):

@@ -187,7 +187,7 @@ class Nginx:
                 break
             except OSError:
                 if self.process.poll() is not None:
-                    raise RuntimeError(f"nginx exited: {stderr.read_text()}")
+                    raise RuntimeError(f"nginx exited: {stderr.read_text()}") from None
                 time.sleep(0.05)
         self.base = f"http://127.0.0.1:{self.port}"
 

@@ -11,11 +11,11 @@ import fsspec
 import pytest
 import safetensors.torch
 import torch
+from checkpoints import assert_same, assert_tensor_same, layered_state, write
+from servers import RangeServer
 from torch import nn
 
 import stream_st as sst
-from checkpoints import assert_same, assert_tensor_same, layered_state, write
-from servers import RangeServer
 
 
 def reference(root: Path, name: str) -> dict[str, torch.Tensor]:
@@ -36,8 +36,9 @@ def test_memory_filesystem_through_fsspec(root: Path) -> None:
         loaded = sst.load_file("memory://ckpt/layered.safetensors", header_prefetch=1024, part_size=100_000)
         assert_same(loaded, reference(root, "layered.safetensors"))
         with sst.safe_open("memory://ckpt/layered.safetensors") as handle:
-            assert_tensor_same(handle.get_slice("lm_head.weight")[3:7],
-                               reference(root, "layered.safetensors")["lm_head.weight"][3:7])
+            assert_tensor_same(
+                handle.get_slice("lm_head.weight")[3:7], reference(root, "layered.safetensors")["lm_head.weight"][3:7]
+            )
     finally:
         fs.rm("/ckpt", recursive=True)
 
@@ -133,7 +134,9 @@ def test_async_twins(http: RangeServer, root: Path) -> None:
         assert header.offset_keys() == list(sst.read_header(str(root / "layered.safetensors")).tensors)
         async with sst.safe_open_async(url) as handle:
             assert_tensor_same(await handle.get_tensor("lm_head.weight"), expected["lm_head.weight"])
-            assert_tensor_same(await handle.get_slice("lm_head.weight").read(slice(5, 9)), expected["lm_head.weight"][5:9])
+            assert_tensor_same(
+                await handle.get_slice("lm_head.weight").read(slice(5, 9)), expected["lm_head.weight"][5:9]
+            )
         names = [name async for name, _ in sst.iter_tensors_async(url, max_inflight_bytes=100_000)]
         assert names == header.offset_keys()
         # The sync API works from inside a running loop (it runs on its own IO thread).

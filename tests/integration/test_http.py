@@ -28,7 +28,9 @@ def server(request: pytest.FixtureRequest) -> RangeServer | Nginx:
 
 
 def log_of(server: RangeServer | Nginx, name: str) -> list[tuple[str | None, int]]:
-    rows = server.gets(name) if isinstance(server, RangeServer) else [r for r in server.requests() if r.path == f"/{name}"]
+    rows = (
+        server.gets(name) if isinstance(server, RangeServer) else [r for r in server.requests() if r.path == f"/{name}"]
+    )
     return [(r.range, r.sent) for r in rows]
 
 
@@ -108,7 +110,9 @@ def test_get_slice_fetches_only_the_rows(server: RangeServer | Nginx, root: Path
     ]
 
 
-def test_server_ignoring_range_still_loads_correctly(http: RangeServer, root: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_server_ignoring_range_still_loads_correctly(
+    http: RangeServer, root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     http.quirks.ignore_range = True
     name = "layered.safetensors"
     loaded = sst.load_file(http.url(name), header_prefetch=4096, part_size=65536)

@@ -43,9 +43,7 @@ def test_plan_properties(layout: tuple[list[Want], int, int]) -> None:
                 assert key not in landed  # fetched exactly once
                 landed[key] = piece.start + offset
         previous_end = part.end
-    expected = {
-        (w.key, w.dest_offset + offset): w.start + offset for w in wants for offset in range(w.end - w.start)
-    }
+    expected = {(w.key, w.dest_offset + offset): w.start + offset for w in wants for offset in range(w.end - w.start)}
     assert landed == expected
 
 
