@@ -231,8 +231,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.axvline(floor * TARGET_VS_FLOOR, color="tab:red", linestyle=":",
                    label=f"target {TARGET_VS_FLOOR:.2f}× = {floor * TARGET_VS_FLOOR:.2f} s")
         ax.legend(loc="lower right")
-    for y, m in enumerate(medians):
-        ax.text(m, y, f" {m:.2f}", va="center")
+    for y, (m, r) in enumerate(zip(medians, done)):
+        ax.text(r["max_s"], y, f"  {m:.2f}", va="center")  # right of the error bar, not on it
     ax.invert_yaxis()
     ax.set_xlabel("whole-process wall time, s (median; bars: min–max)")
     ax.set_title("Loading a safetensors checkpoint over HTTP (nginx, loopback)")

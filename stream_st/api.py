@@ -16,8 +16,10 @@ from .config import Config, resolve
 from .fetch import Engine
 from .header import Header
 from .remote import RemoteFile
-from .select import Selection, select
+from .select import Selection
+from .shards import Checkpoint, open_checkpoint
 from .sinks import HostTensor
+from .transport import redact
 
 logger = logging.getLogger(__name__)
 
@@ -25,29 +27,59 @@ Device = str | int | torch.device
 
 
 @contextlib.asynccontextmanager
-async def open_remote(url: str, config: Config, storage_options: Mapping[str, Any] | None) -> AsyncIterator[RemoteFile]:
-    """An engine and one opened file, both closed on exit; logs one summary line per load."""
+async def open_engine(url: str, config: Config) -> AsyncIterator[Engine]:
+    """An engine for one load, closed on exit; logs one summary line per load."""
     engine = Engine(config)
     started = time.perf_counter()
     try:
-        file = await RemoteFile.open(url, engine, storage_options)
-        try:
-            yield file
-        finally:
-            file.close()
+        yield engine
     finally:
         engine.close()
         seconds = time.perf_counter() - started
         stats = engine.stats
         logger.debug(
             "%s: %d bytes in %d requests (%d retries), %.3fs, %.2f GB/s",
-            url if "://" not in url else url.split("?")[0],
+            redact(url),
             stats.bytes,
             stats.requests,
             stats.retries,
             seconds,
             stats.bytes / seconds / 1e9 if seconds else 0.0,
         )
+
+
+@contextlib.asynccontextmanager
+async def open_remote(url: str, config: Config, storage_options: Mapping[str, Any] | None) -> AsyncIterator[RemoteFile]:
+    """One opened safetensors file and its engine, both closed on exit."""
+    async with open_engine(url, config) as engine:
+        file = await RemoteFile.open(url, engine, storage_options)
+        try:
+            yield file
+        finally:
+            file.close()
+
+
+@contextlib.asynccontextmanager
+async def open_files(url: str, config: Config, storage_options: Mapping[str, Any] | None) -> AsyncIterator[Checkpoint]:
+    """The checkpoint at ``url`` (a file, an index or a folder) and its engine, closed on exit."""
+    async with open_engine(url, config) as engine:
+        checkpoint = await open_checkpoint(url, engine, storage_options)
+        try:
+            yield checkpoint
+        finally:
+            checkpoint.close()
+
+
+async def _load_located(
+    located: Mapping[RemoteFile, list[str]], device: Device, dtype: torch.dtype | None
+) -> dict[str, torch.Tensor]:
+    """Fetch every group concurrently (one engine), return tensors shard by shard in file order."""
+    loads = await asyncio.gather(*(file.load((name, None) for name in names) for file, names in located.items()))
+    return {
+        name: finish(hosts.pop(name), device, dtype)
+        for (names, hosts) in zip(located.values(), loads)
+        for name in names
+    }
 
 
 async def _with_deadline(config: Config, url: str, coro: Any) -> Any:
@@ -100,10 +132,12 @@ async def load_file_async(
     config: Config | None = None,
     **options: Any,
 ) -> dict[str, torch.Tensor]:
-    """Load the tensors of a safetensors file at ``url``, fetching only the bytes needed.
+    """Load the tensors of a safetensors checkpoint at ``url``, fetching only the bytes needed.
 
     Args:
-        url: any fsspec URL (``https://``, ``s3://``, ``gs://``, ``hf://``, ``memory://``) or a local path.
+        url: a ``.safetensors`` file, a ``model.safetensors.index.json``, or a folder / prefix / repo holding
+            either, as any fsspec URL (``https://``, ``s3://``, ``gs://``, ``hf://``, ``memory://``) or local path.
+            Shards share one engine and are read only if they hold selected tensors.
         device: where the tensors go (``"cpu"``, ``"cuda:0"``, an int GPU index, a ``torch.device``).
         tensors: which tensors: None for all, or names, glob patterns, compiled regexes or a predicate.
         dtype: cast floating-point tensors to this dtype; other tensors keep theirs.
@@ -125,10 +159,8 @@ async def load_file_async(
     cfg = resolve(config, options)
 
     async def load() -> dict[str, torch.Tensor]:
-        async with open_remote(url, cfg, storage_options) as file:
-            names = select(file.header.offset_keys(), tensors, url=file.url)
-            hosts = await file.load((name, None) for name in names)
-        return {name: finish(hosts[name], device, dtype) for name in names}
+        async with open_files(url, cfg, storage_options) as checkpoint:
+            return await _load_located(await checkpoint.locate(tensors), device, dtype)
 
     return await _with_deadline(cfg, url, load())  # type: ignore[no-any-return]
 
@@ -168,20 +200,18 @@ async def iter_tensors_async(
     the budget forms a batch of its own).
     """
     cfg = resolve(config, options)
-    async with open_remote(url, cfg, storage_options) as file:
-        names = select(file.header.offset_keys(), tensors, url=file.url)
-        batches = _batches(file, names, cfg.max_inflight_bytes)
-        ahead: asyncio.Task[dict[str, HostTensor]] | None = None
+    async with open_files(url, cfg, storage_options) as checkpoint:
+        batches = _batches(await checkpoint.locate(tensors), cfg.max_inflight_bytes)
+        ahead: asyncio.Task[dict[str, torch.Tensor]] | None = None
         try:
             for index, batch in enumerate(batches):
-                current = ahead if ahead is not None else asyncio.ensure_future(file.load((n, None) for n in batch))
-                hosts = await current
+                current = ahead if ahead is not None else asyncio.ensure_future(_load_located(batch, device, dtype))
+                loaded = await current
                 ahead = None
                 if index + 1 < len(batches):
-                    following = batches[index + 1]
-                    ahead = asyncio.ensure_future(file.load((n, None) for n in following))
-                for name in batch:
-                    yield name, finish(hosts.pop(name), device, dtype)
+                    ahead = asyncio.ensure_future(_load_located(batches[index + 1], device, dtype))
+                for name in list(loaded):
+                    yield name, loaded.pop(name)
         finally:
             if ahead is not None:
                 ahead.cancel()
@@ -189,17 +219,19 @@ async def iter_tensors_async(
                     await ahead
 
 
-def _batches(file: RemoteFile, names: list[str], budget: int) -> list[list[str]]:
-    batches: list[list[str]] = [[]]
+def _batches(located: Mapping[RemoteFile, list[str]], budget: int) -> list[dict[RemoteFile, list[str]]]:
+    """Consecutive groups of about ``budget`` bytes (a larger tensor forms a group of its own)."""
+    batches: list[dict[RemoteFile, list[str]]] = []
     size = 0
-    for name in names:
-        nbytes = file.info(name).nbytes
-        if batches[-1] and size + nbytes > budget:
-            batches.append([])
-            size = 0
-        batches[-1].append(name)
-        size += nbytes
-    return batches if batches[0] else []
+    for file, names in located.items():
+        for name in names:
+            nbytes = file.info(name).nbytes
+            if not batches or (size and size + nbytes > budget):
+                batches.append({})
+                size = 0
+            batches[-1].setdefault(file, []).append(name)
+            size += nbytes
+    return batches
 
 
 def iter_tensors(
@@ -257,11 +289,9 @@ async def load_model_async(
     groups = _tied_groups(model)
 
     async def load() -> tuple[list[str], list[str]]:
-        async with open_remote(url, cfg, storage_options) as file:
-            in_file = file.header.offset_keys()
-            names = [name for name in in_file if name in model_keys]
-            hosts = await file.load((name, None) for name in names)
-        state = {name: finish(hosts.pop(name), device, dtype) for name in names}
+        async with open_files(url, cfg, storage_options) as checkpoint:
+            in_file = await checkpoint.names()
+            state = await _load_located(await checkpoint.locate(lambda name: name in model_keys), device, dtype)
         result = model.load_state_dict(state, strict=False, assign=assign)
         missing = set(result.missing_keys)
         unexpected = [name for name in in_file if name not in model_keys]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import Any
@@ -11,11 +12,10 @@ import torch
 from ._loop import run_sync
 from .api import Device, finish
 from .config import Config, resolve
-from .errors import TensorNotFoundError
 from .fetch import Engine
 from .header import TensorInfo
 from .remote import RemoteFile, Rows
-from .select import select
+from .shards import Checkpoint, open_checkpoint
 
 Index = Any  # what tensor[...] accepts
 
@@ -40,18 +40,25 @@ class AsyncSafeOpen:
         self._storage_options = storage_options
         self._config = resolve(config, options)
         self._engine: Engine | None = None
-        self._file: RemoteFile | None = None
+        self._checkpoint: Checkpoint | None = None
+        self._names: list[str] = []
+        self._metadata: dict[str, Any] | None = None
 
     async def open(self) -> AsyncSafeOpen:
-        """Read and validate the header (done by ``async with``)."""
-        if self._file is None:
-            self._engine = Engine(self._config)
+        """Read and validate the header (done by ``async with``); for an index, read the index only."""
+        if self._checkpoint is None:
+            engine = Engine(self._config)
             try:
-                self._file = await RemoteFile.open(self._url, self._engine, self._storage_options)
+                checkpoint = await open_checkpoint(self._url, engine, self._storage_options)
+                self._names = await checkpoint.names()
+                if not checkpoint.sharded:
+                    self._metadata = (await checkpoint.file(checkpoint.shards[0])).header.metadata
+                else:
+                    self._metadata = checkpoint.index_metadata
             except BaseException:
-                self._engine.close()
-                self._engine = None
+                engine.close()
                 raise
+            self._engine, self._checkpoint = engine, checkpoint
         return self
 
     async def __aenter__(self) -> AsyncSafeOpen:
@@ -61,57 +68,60 @@ class AsyncSafeOpen:
         self.close()
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._checkpoint is not None:
+            self._checkpoint.close()
+            self._checkpoint = None
         if self._engine is not None:
             self._engine.close()
             self._engine = None
 
     @property
-    def file(self) -> RemoteFile:
-        if self._file is None:
+    def checkpoint(self) -> Checkpoint:
+        if self._checkpoint is None:
             raise RuntimeError(f"{self._url}: the handle is closed (use it inside 'with')")
-        return self._file
+        return self._checkpoint
 
     def keys(self) -> list[str]:
         """Tensor names, sorted (as safetensors returns them)."""
-        return self.file.header.keys()
+        self.checkpoint  # noqa: B018 - raises if closed
+        return sorted(self._names)
 
     def offset_keys(self) -> list[str]:
-        """Tensor names in the order of their bytes in the file."""
-        return self.file.header.offset_keys()
+        """Tensor names in the order of their bytes (shard by shard for sharded checkpoints)."""
+        self.checkpoint  # noqa: B018 - raises if closed
+        return list(self._names)
 
-    def metadata(self) -> dict[str, str] | None:
-        """The ``__metadata__`` mapping, or None."""
-        return self.file.header.metadata
-
-    def _info(self, name: str) -> TensorInfo:
-        select(self.file.header.offset_keys(), [name], url=self.file.url)  # raises with suggestions
-        if name not in self.file.header.tensors:  # a glob-like name that matched other tensors
-            raise TensorNotFoundError(f"{self.file.url}: no tensor named {name!r}", url=self.file.url, tensor=name)
-        return self.file.info(name)
+    def metadata(self) -> dict[str, Any] | None:
+        """The file's ``__metadata__`` (or, for an index, its ``metadata``), or None."""
+        self.checkpoint  # noqa: B018 - raises if closed
+        return self._metadata
 
     async def get_tensor(self, name: str) -> torch.Tensor:
         """Fetch one tensor."""
         return (await self.get_tensors([name]))[name]
 
     async def get_tensors(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        """Fetch several tensors with one plan (coalesced, concurrent)."""
-        wanted = [self._info(name).name for name in names]
-        hosts = await self.file.load((name, None) for name in wanted)
+        """Fetch several tensors with one plan per file (coalesced, concurrent)."""
+        wanted = list(names)
+        files = [await self.checkpoint.find(name) for name in wanted]
+        located: dict[RemoteFile, list[str]] = {}
+        for name, file in zip(wanted, files):
+            located.setdefault(file, []).append(name)
+        loads = await asyncio.gather(*(file.load((n, None) for n in group) for file, group in located.items()))
+        hosts = {name: host for loaded in loads for name, host in loaded.items()}
         return {name: finish(hosts[name], self._device, self._dtype) for name in wanted}
 
-    def get_slice(self, name: str) -> AsyncTensorSlice:
-        """A lazy view of one tensor: ``await f.get_slice(name).read(index)`` fetches only what the index needs."""
-        return AsyncTensorSlice(self, self._info(name))
+    async def get_slice(self, name: str) -> AsyncTensorSlice:
+        """A lazy view of one tensor: ``(await f.get_slice(name)).read(index)`` fetches what the index needs."""
+        file = await self.checkpoint.find(name)
+        return AsyncTensorSlice(self, file, file.info(name))
 
 
 class AsyncTensorSlice:
     """Shape and dtype without I/O; ``read(index)`` fetches the dim-0 rows the index touches."""
 
-    def __init__(self, handle: AsyncSafeOpen, info: TensorInfo) -> None:
-        self._handle, self._info = handle, info
+    def __init__(self, handle: AsyncSafeOpen, file: RemoteFile, info: TensorInfo) -> None:
+        self._handle, self._file, self._info = handle, file, info
 
     def get_shape(self) -> list[int]:
         return list(self._info.shape)
@@ -122,7 +132,7 @@ class AsyncTensorSlice:
     async def read(self, index: Index) -> torch.Tensor:
         info = self._info
         rows, local = covering_rows(info, index)
-        hosts = await self._handle.file.load([(info.name, rows)])
+        hosts = await self._file.load([(info.name, rows)])
         tensor = finish(hosts[info.name], self._handle._device, self._handle._dtype)
         return tensor[local].contiguous() if local is not None else tensor
 
@@ -198,7 +208,7 @@ class safe_open:  # noqa: N801 - the name mirrors safetensors.safe_open
     def offset_keys(self) -> list[str]:
         return self._handle.offset_keys()
 
-    def metadata(self) -> dict[str, str] | None:
+    def metadata(self) -> dict[str, Any] | None:
         return self._handle.metadata()
 
     def get_tensor(self, name: str) -> torch.Tensor:
@@ -208,7 +218,7 @@ class safe_open:  # noqa: N801 - the name mirrors safetensors.safe_open
         return run_sync(self._handle.get_tensors(list(names)))
 
     def get_slice(self, name: str) -> TensorSlice:
-        return TensorSlice(self._handle.get_slice(name))
+        return TensorSlice(run_sync(self._handle.get_slice(name)))
 
 
 class TensorSlice:

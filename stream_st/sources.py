@@ -83,9 +83,11 @@ def read_exactly(stream: ByteStream, buffer: memoryview, *, url: str, start: int
 class HttpSource(Source):
     """http(s):// through the threaded ``http.client`` data plane."""
 
-    def __init__(self, url: str, pool: ConnectionPool, headers: Mapping[str, str] | None = None) -> None:
-        self.endpoint = Endpoint(url, dict(headers or {}))
-        self.url = redact(url)
+    def __init__(
+        self, url: str, pool: ConnectionPool, headers: Mapping[str, str] | None = None, *, name: str = ""
+    ) -> None:
+        self.endpoint = Endpoint(url, dict(headers or {}), name)
+        self.url = self.endpoint.shown
         self._pool = pool
 
     def probe(self, length: int) -> Probe:
@@ -99,6 +101,8 @@ class HttpSource(Source):
             raise
         # A server that ignored Range is still sending the whole object: drop that connection.
         stream.close(reusable=stream.partial or want == total)
+        # Resolve redirects once (the Hub sends every file to a CDN): later ranges go straight there.
+        self.endpoint = stream.endpoint
         return self._remember(Probe(bytes(prefix), total, stream.etag, ranges=stream.partial or want == total))
 
     def open_range(self, start: int, end: int) -> RangeStream:

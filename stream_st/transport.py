@@ -40,13 +40,19 @@ class RetryableStatusError(FetchError):
 
 @dataclass(frozen=True)
 class Endpoint:
-    """Where a request goes. ``headers`` may hold credentials: never log or print them."""
+    """Where a request goes. ``url`` and ``headers`` may hold credentials (a presigned query string, a
+    bearer token): messages use ``name``, the URL the user gave, and never these."""
 
     url: str
     headers: Mapping[str, str]
+    name: str = ""
+
+    @property
+    def shown(self) -> str:
+        return self.name or redact(self.url)
 
     def __repr__(self) -> str:
-        return f"Endpoint({redact(self.url)!r}, headers=<{len(self.headers)} hidden>)"
+        return f"Endpoint({self.shown!r}, headers=<{len(self.headers)} hidden>)"
 
 
 def redact(url: str) -> str:
@@ -108,8 +114,10 @@ class RangeStream:
         conn: http.client.HTTPConnection,
         response: http.client.HTTPResponse,
         skip: int,
+        endpoint: Endpoint,
     ) -> None:
         self._pool, self._key, self._conn, self._response = pool, key, conn, response
+        self.endpoint = endpoint  # where the answer came from, after redirects
         self._skip = skip  # leading bytes to drop when a server without Range support sent from byte 0
         self.etag = response.getheader("ETag")
         self.partial = response.status == 206  # False: the server sent the whole object
@@ -153,7 +161,7 @@ def open_range(
         headers["Range"] = f"bytes={start}-{end - 1}"
     if etag:
         headers["If-Match"] = etag
-    shown = redact(url)
+    shown = endpoint.shown
     for _ in range(MAX_REDIRECTS + 1):
         parts = urlsplit(url)
         scheme = parts.scheme
@@ -169,7 +177,7 @@ def open_range(
             conn.close()
             raise
         status = response.status
-        logger.debug("GET %s bytes=%d-%d -> %d", shown, start, end - 1, status)
+        logger.debug("GET %s bytes=%d-%d -> %d", redact(url), start, end - 1, status)
         if status in _REDIRECTS and response.getheader("Location"):
             location = urljoin(url, response.getheader("Location", ""))
             _discard(conn, response)
@@ -184,7 +192,10 @@ def open_range(
             conn.close()
             raise
         skip = start if status == 200 and start else 0
-        return RangeStream(pool, (scheme, host, port), conn, response, skip), total
+        headers.pop("Range", None)
+        headers.pop("If-Match", None)
+        final = Endpoint(url, headers, endpoint.name) if url != endpoint.url else endpoint
+        return RangeStream(pool, (scheme, host, port), conn, response, skip, final), total
     raise FetchError(f"{shown}: more than {MAX_REDIRECTS} redirects", url=shown)
 
 

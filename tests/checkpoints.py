@@ -76,3 +76,23 @@ def assert_tensor_same(got: torch.Tensor, expected: torch.Tensor, name: str = ""
     assert got.dtype == expected.dtype, name
     assert got.shape == expected.shape, name
     assert raw_bytes(got) == raw_bytes(expected), name
+
+
+def write_sharded(folder: Path, state: dict[str, torch.Tensor], shards: int) -> dict[str, str]:
+    """Split ``state`` into ``shards`` files plus a transformers-style index; returns the weight map."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o755)
+    names = list(state)
+    weight_map: dict[str, str] = {}
+    for index in range(shards):
+        file = f"model-{index + 1:05d}-of-{shards:05d}.safetensors"
+        part = {name: state[name] for name in names[index::shards]}
+        write(folder / file, part)
+        weight_map.update(dict.fromkeys(part, file))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index_doc = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index_doc))
+    (folder / "model.safetensors.index.json").chmod(0o644)
+    return weight_map

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import all_dtypes_state, layered_state, tiny_state, write
+from checkpoints import all_dtypes_state, layered_state, tiny_state, write, write_sharded
 from servers import Nginx, RangeServer
 
 
@@ -33,6 +33,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write(folder / "layered.safetensors", layered_state())
     write(folder / "tiny.safetensors", tiny_state(6000))  # header far longer than the 256 KiB prefix
     write(folder / "small.safetensors", {"x": torch.arange(6, dtype=torch.float32)})
+    write_sharded(folder / "sharded", layered_state(layers=6), shards=3)
     return folder
 
 

@@ -135,7 +135,7 @@ def test_async_twins(http: RangeServer, root: Path) -> None:
         async with sst.safe_open_async(url) as handle:
             assert_tensor_same(await handle.get_tensor("lm_head.weight"), expected["lm_head.weight"])
             assert_tensor_same(
-                await handle.get_slice("lm_head.weight").read(slice(5, 9)), expected["lm_head.weight"][5:9]
+                await (await handle.get_slice("lm_head.weight")).read(slice(5, 9)), expected["lm_head.weight"][5:9]
             )
         names = [name async for name, _ in sst.iter_tensors_async(url, max_inflight_bytes=100_000)]
         assert names == header.offset_keys()

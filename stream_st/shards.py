@@ -1,0 +1,192 @@
+"""Checkpoints of one or many files: a single ``.safetensors``, a ``model.safetensors.index.json``
+(the transformers layout), or a folder / prefix / repo holding either.
+
+All files of a checkpoint share one engine (threads, connections, concurrency), and a shard is opened
+(its header read) only when a selected tensor lives in it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import posixpath
+from collections.abc import Iterable, Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from .errors import HeaderError, TensorNotFoundError
+from .fetch import Engine
+from .remote import RemoteFile
+from .select import Selection, select
+from .transport import redact
+
+logger = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+SUFFIX = ".safetensors"
+
+
+class Checkpoint:
+    """The files of one checkpoint and which tensor lives in which file."""
+
+    def __init__(
+        self,
+        url: str,
+        engine: Engine,
+        storage_options: Mapping[str, Any] | None,
+        shards: list[str],
+        weight_map: dict[str, str] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        self.url, self.engine, self.shards = url, engine, shards
+        self._storage_options = storage_options
+        self._weight_map = weight_map  # tensor name -> shard URL, when an index says so
+        self.index_metadata = metadata
+        self._files: dict[str, RemoteFile] = {}
+        self._opening: dict[str, asyncio.Future[RemoteFile]] = {}
+
+    @property
+    def sharded(self) -> bool:
+        return self._weight_map is not None or len(self.shards) > 1
+
+    async def file(self, shard: str) -> RemoteFile:
+        """The opened shard (header read once, even when asked for concurrently)."""
+        if shard in self._files:
+            return self._files[shard]
+        if shard not in self._opening:
+            self._opening[shard] = asyncio.ensure_future(RemoteFile.open(shard, self.engine, self._storage_options))
+        try:
+            file = await self._opening[shard]
+        except BaseException:
+            self._opening.pop(shard, None)
+            raise
+        self._files[shard] = file
+        return file
+
+    async def files(self, shards: Iterable[str]) -> list[RemoteFile]:
+        return list(await asyncio.gather(*(self.file(shard) for shard in shards)))
+
+    async def names(self) -> list[str]:
+        """Every tensor name: per shard in file order, shards in order (an index's order without I/O)."""
+        if self._weight_map is not None:
+            return list(self._weight_map)
+        return [name for file in await self.files(self.shards) for name in file.header.offset_keys()]
+
+    async def locate(self, wanted: Selection) -> dict[RemoteFile, list[str]]:
+        """The selected tensors grouped by the opened file that holds them, each group in file order."""
+        names = select(await self.names(), wanted, url=self.url)
+        if self._weight_map is None:
+            by_shard = {
+                file: [n for n in file.header.offset_keys() if n in set(names)] for file in self._files.values()
+            }
+            return {file: group for file, group in by_shard.items() if group}
+        shards: dict[str, set[str]] = {}
+        for name in names:
+            shards.setdefault(self._weight_map[name], set()).add(name)
+        ordered = [shard for shard in self.shards if shard in shards]
+        located: dict[RemoteFile, list[str]] = {}
+        for shard, file in zip(ordered, await self.files(ordered)):
+            group = shards[shard]
+            absent = sorted(group - set(file.header.tensors))
+            if absent:
+                raise HeaderError(
+                    f"{self.url}: the index puts tensor {absent[0]!r} in {file.url}, but that file does not have it",
+                    url=self.url,
+                    tensor=absent[0],
+                )
+            located[file] = [name for name in file.header.offset_keys() if name in group]
+        return located
+
+    async def find(self, name: str) -> RemoteFile:
+        """The opened file that holds tensor ``name``."""
+        if self._weight_map is not None:
+            if name not in self._weight_map:
+                select(list(self._weight_map), [name], url=self.url)  # raises with suggestions
+                raise TensorNotFoundError(f"{self.url}: no tensor named {name!r}", url=self.url, tensor=name)
+            return await self.file(self._weight_map[name])
+        for file in await self.files(self.shards):
+            if name in file.header.tensors:
+                return file
+        select(await self.names(), [name], url=self.url)
+        raise TensorNotFoundError(f"{self.url}: no tensor named {name!r}", url=self.url, tensor=name)
+
+    def close(self) -> None:
+        for file in self._files.values():
+            file.close()
+        self._files.clear()
+
+
+async def open_checkpoint(url: str, engine: Engine, storage_options: Mapping[str, Any] | None) -> Checkpoint:
+    """Discover what ``url`` names: one file, an index, or a folder holding either."""
+    options = dict(storage_options or {})
+    path = urlsplit(url).path if "://" in url else url
+    if path.endswith(".json"):
+        return await _from_index(url, engine, options)
+    if path.endswith(SUFFIX):
+        return Checkpoint(url, engine, options, [url])
+    base = url.rstrip("/")
+    names = await engine.run(_list_folder, base, options)
+    if INDEX_NAME in names:
+        return await _from_index(f"{base}/{INDEX_NAME}", engine, options)
+    shards = [f"{base}/{name}" for name in names if name.endswith(SUFFIX)]
+    if not shards:
+        raise FileNotFoundError(f"{redact(url)}: no {INDEX_NAME} and no *{SUFFIX} files there")
+    return Checkpoint(redact(base), engine, options, shards)
+
+
+async def _from_index(url: str, engine: Engine, options: dict[str, Any]) -> Checkpoint:
+    raw = await engine.run(_read_small, url, options)
+    try:
+        index = json.loads(raw)
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("weight_map must map tensor names to file names")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise HeaderError(f"{redact(url)}: not a safetensors index ({type(exc).__name__}: {exc})", url=url) from None
+    base = url.rsplit("/", 1)[0] if "/" in url else "."
+    files = {name: _join(base, name) for name in dict.fromkeys(weight_map.values())}
+    shards = sorted(files.values())
+    return Checkpoint(
+        redact(url),
+        engine,
+        options,
+        shards,
+        {tensor: files[f] for tensor, f in weight_map.items()},
+        index.get("metadata"),
+    )
+
+
+def _join(base: str, name: str) -> str:
+    if "://" in name or name.startswith("/"):
+        raise HeaderError(f"{base}: index names a shard outside its folder: {name!r}", url=base)
+    normalized = posixpath.normpath(name)
+    if normalized.startswith(".."):
+        raise HeaderError(f"{base}: index names a shard outside its folder: {name!r}", url=base)
+    return f"{base}/{normalized}"
+
+
+def _read_small(url: str, options: dict[str, Any]) -> bytes:
+    """A small whole object (an index): local files directly, anything else through fsspec."""
+    if "://" not in url or url.startswith("file://"):
+        with open(urlsplit(url).path if url.startswith("file://") else url, "rb") as handle:
+            return handle.read()
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url, **options)
+    data: bytes = fs.cat_file(path)
+    return data
+
+
+def _list_folder(base: str, options: dict[str, Any]) -> list[str]:
+    """File names in a folder, prefix or repo, sorted."""
+    if "://" not in base or base.startswith("file://"):
+        folder = urlsplit(base).path if base.startswith("file://") else base
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"{base}: no such file or folder")
+        return sorted(os.listdir(folder))
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(base, **options)
+    return sorted(posixpath.basename(entry.rstrip("/")) for entry in fs.ls(path, detail=False))
