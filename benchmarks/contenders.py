@@ -34,16 +34,17 @@ class Contender:
 
 PREAMBLE = "import sys\nURL, LOCAL = sys.argv[1], sys.argv[2]\n"
 
-VERIFY = f"""
+VERIFY = """
 import fnmatch, torch, safetensors.torch
 ref = safetensors.torch.load_file(LOCAL)
 patterns = globals().get("PATTERNS")
 if patterns is not None:
-    ref = {{k: v for k, v in ref.items() if any(fnmatch.fnmatchcase(k, p) for p in patterns)}}
-assert set(sd) == set(ref), f"names differ: missing {{sorted(set(ref) - set(sd))[:5]}}, extra {{sorted(set(sd) - set(ref))[:5]}}"
+    ref = {k: v for k, v in ref.items() if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
+missing, extra = sorted(set(ref) - set(sd)), sorted(set(sd) - set(ref))
+assert not missing and not extra, f"names differ: missing {missing[:5]}, extra {extra[:5]}"
 bad = [k for k in ref if sd[k].dtype != ref[k].dtype or sd[k].shape != ref[k].shape or not torch.equal(sd[k], ref[k])]
-assert not bad, f"{{len(bad)}} tensors differ, e.g. {{bad[:5]}}"
-print(f"verified {{len(sd)}} tensors")
+assert not bad, f"{len(bad)} tensors differ, e.g. {bad[:5]}"
+print(f"verified {len(sd)} tensors")
 """
 
 CONTENDERS = [

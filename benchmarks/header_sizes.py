@@ -209,13 +209,15 @@ def main() -> int:
     if note:
         print(note)
     print()
-    print("| layout | tensors | shard GB | header bytes | KiB | " + " | ".join(f"≤ {label}" for label, _ in PREFETCH) + " |")
+    columns = " | ".join(f"≤ {label}" for label, _ in PREFETCH)
+    print(f"| layout | tensors | shard GB | header bytes | KiB | {columns} |")
     print("|---|---:|---:|---:|---:|" + "---|" * len(PREFETCH))
     for label, build in LAYOUTS:
         tensors = build()
         size = header_bytes(tensors)
         fits = " | ".join("yes" if size <= limit else "**no**" for _, limit in PREFETCH)
-        print(f"| {label} | {len(tensors):,} | {data_bytes(tensors) / 1e9:.1f} | {size:,} | {size / 1024:.1f} | {fits} |")
+        gb = data_bytes(tensors) / 1e9
+        print(f"| {label} | {len(tensors):,} | {gb:.1f} | {size:,} | {size / 1024:.1f} | {fits} |")
     print()
     print("'header bytes' = 8-byte length prefix + padded JSON: what the first ranged GET must cover to avoid")
     print("a second round trip. A column is 'yes' when a prefetch of that size holds the whole header.")

@@ -199,7 +199,7 @@ def _problems(rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         if not r["check_ok"]:
             lines.append(f"- {r['key']}: check run failed:\n\n```\n{r['check']}\n```")
-        for i, failure in enumerate(r["failures"][:1]):
+        for failure in r["failures"][:1]:
             lines.append(f"- {r['key']}: {len(r['failures'])} of {r['runs']} timed runs failed; first:\n\n"
                          f"```\n{failure}\n```")
         bad = [s for s in r.get("statuses", []) if s not in ("200", "206")]

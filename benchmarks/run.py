@@ -30,11 +30,12 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules, whatever the cwd
 
 import report  # noqa: E402
-from checkpoint import ensure_checkpoint, read_header  # noqa: E402
+from checkpoint import HeaderInfo, ensure_checkpoint, read_header  # noqa: E402
 from contenders import CONTENDERS, PARTIAL, Contender  # noqa: E402
 from nginx_server import Nginx, Traffic, serve  # noqa: E402
 
@@ -141,7 +142,7 @@ def measure(results: list[Result], url: str, local: Path, env: dict[str, str], s
                   f"{run.traffic.requests:3d} req  {run.traffic.bytes / 1e6:9.1f} MB{note}", flush=True)
 
 
-def probe(env: dict[str, str]) -> dict[str, object]:
+def probe(env: dict[str, str]) -> dict[str, Any]:
     """Versions and stream_st's defaults, read in a child so a broken import cannot stop the run."""
     code = r"""
 import json, importlib.metadata as md, platform
@@ -161,7 +162,7 @@ except Exception as e:
 print(json.dumps(out))
 """
     done = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True)
-    versions: dict[str, object] = json.loads(done.stdout) if done.returncode == 0 else {"probe": done.stderr}
+    versions: dict[str, Any] = json.loads(done.stdout) if done.returncode == 0 else {"probe": done.stderr}
     for tool, flag in (("nginx", "-v"), ("curl", "--version")):
         done = subprocess.run([tool, flag], capture_output=True, text=True)
         versions[tool] = (done.stdout + done.stderr).strip().splitlines()[0]
@@ -204,11 +205,11 @@ def main() -> int:
     return 0
 
 
-def expected_partial(header, versions: dict[str, object]) -> dict[str, int]:
+def expected_partial(header: HeaderInfo, versions: dict[str, Any]) -> dict[str, int]:
     """What an ideal partial load of PARTIAL pulls: selected bytes + header, in 1 + coalesced parts requests."""
-    cfg = versions.get("config") or {}
-    part_size = int(cfg.get("part_size", 16 << 20))  # type: ignore[union-attr]
-    max_gap = int(cfg.get("max_gap", 1 << 20))  # type: ignore[union-attr]
+    cfg: dict[str, Any] = versions.get("config") or {}  # stream_st's own defaults, if it imported
+    part_size = int(cfg.get("part_size", 16 << 20))
+    max_gap = int(cfg.get("max_gap", 1 << 20))
     names = header.select(PARTIAL)
     spans = header.coalesced(names, max_gap)
     parts = sum(-(-(end - start) // part_size) for start, end in spans)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,10 +27,12 @@ class Config:
         max_gap: neighbouring spans closer than this are fetched in one request and the gap dropped.
             1 MiB, obstore's default: below it a second request costs more than the wasted bytes.
         header_prefetch: bytes asked for by the first ranged GET, hoping they hold the whole header.
-            256 KiB holds the header of every checkpoint layout we measured (`benchmarks/header_sizes.py`:
-            the largest, a 2,000-expert MoE shard, 234 KiB) and costs ~1 ms more than 8 bytes at 200 MB/s,
-            far less than the extra round trip a short prefix would need. Bytes past the header are kept
-            and used for the first tensors, so little is wasted.
+            256 KiB, from ``benchmarks/header_sizes.py``: it holds the header of every shard of usual size
+            (Llama-2-7B in one file 34 KB, a DeepSeek-V3 shard as published 73 KB, all of Mixtral-8x7B in
+            one file 130 KB); only single files of 2,300+ tensors (300–780 KB) need a second GET. It costs
+            ~1 ms more than 8 bytes at 200 MB/s, far less than the extra round trip a short prefix costs.
+            Bytes past the header are kept for the first tensors; a partial load that skips them pulls at
+            most this many bytes beyond the header.
         max_header_size: reject headers declaring more bytes than this (safetensors' own limit: 100 MB).
         retries: attempts after the first for one part; a retry asks only for the bytes still missing.
         backoff_base / backoff_max: capped exponential backoff with full jitter between attempts, seconds.
@@ -39,6 +41,9 @@ class Config:
         timeout: optional deadline for a whole load, seconds.
         max_inflight_bytes: streaming APIs (``iter_tensors``) hold at most about this many fetched bytes
             that the caller has not taken yet.
+        direct_http: move s3://, gs:// and hf:// bytes on stream_st's threaded HTTP data plane (presigned
+            or token-authenticated GETs made by s3fs / gcsfs / huggingface_hub). False reads through the
+            filesystem's own ``cat_file`` instead (slower; for stores whose HTTP API differs).
     """
 
     max_concurrency: int = 8
@@ -53,6 +58,7 @@ class Config:
     connect_timeout: float = 10.0
     timeout: float | None = None
     max_inflight_bytes: int = 512 * MiB
+    direct_http: bool = True
 
     def __post_init__(self) -> None:
         positive = ("max_concurrency", "part_size", "stall_timeout", "connect_timeout", "max_inflight_bytes")
@@ -78,7 +84,9 @@ class Config:
             raw = environ.get(ENV_PREFIX + f.name.upper())
             if raw is None:
                 continue
-            kind = float if f.name in _FLOAT_FIELDS else int
+            kind: Callable[[str], Any] = (
+                float if f.name in _FLOAT_FIELDS else _boolean if f.name == "direct_http" else int
+            )
             try:
                 values[f.name] = None if raw.lower() == "none" and f.name == "timeout" else kind(raw)
             except ValueError:
@@ -92,6 +100,14 @@ class Config:
             valid = ", ".join(f.name for f in dataclasses.fields(self))
             raise ConfigError(f"unknown option(s) {', '.join(sorted(unknown))}; valid options: {valid}")
         return dataclasses.replace(self, **changes)
+
+
+def _boolean(raw: str) -> bool:
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
 
 
 _FLOAT_FIELDS = frozenset({"backoff_base", "backoff_max", "stall_timeout", "connect_timeout", "timeout"})

@@ -33,7 +33,7 @@ class RemoteFile:
     async def open(cls, url: str, engine: Engine, storage_options: Mapping[str, Any] | None = None) -> RemoteFile:
         """Read the header with one ranged GET (two if it is longer than ``header_prefetch``) and validate it."""
         config = engine.config
-        source = open_source(url, engine.pool, storage_options)
+        source = await engine.run(lambda: open_source(url, engine.pool, storage_options, direct=config.direct_http))
         try:
             probe = await engine.probe(source)
             size = declared_header_size(

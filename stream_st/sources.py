@@ -11,7 +11,7 @@ import os
 import stat
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
@@ -103,7 +103,11 @@ class HttpSource(Source):
         stream.close(reusable=stream.partial or want == total)
         # Resolve redirects once (the Hub sends every file to a CDN): later ranges go straight there.
         self.endpoint = stream.endpoint
+        self.after_probe(stream.header)
         return self._remember(Probe(bytes(prefix), total, stream.etag, ranges=stream.partial or want == total))
+
+    def after_probe(self, header: Callable[[str], str | None]) -> None:
+        """Hook for protocols that pin the version the probe saw in the URL (beyond If-Match)."""
 
     def open_range(self, start: int, end: int) -> RangeStream:
         stream, _ = open_range(
@@ -220,8 +224,11 @@ class FsspecSource(Source):
         return _BytesRange(data)  # a short answer surfaces as IncompleteReadError in read_exactly
 
 
-def open_source(url: str, pool: ConnectionPool, storage_options: Mapping[str, Any] | None = None) -> Source:
-    """The source for ``url``: http(s) on the fast data plane, local files by path, else fsspec."""
+def open_source(
+    url: str, pool: ConnectionPool, storage_options: Mapping[str, Any] | None = None, *, direct: bool = True
+) -> Source:
+    """The source for ``url``: http(s), s3, gs and hf on the threaded data plane (``direct``), local files
+    by path, anything else through fsspec's ``cat_file``."""
     options = dict(storage_options or {})
     scheme = urlsplit(url).scheme.lower() if "://" in url else ""
     if scheme in ("http", "https"):
@@ -230,4 +237,10 @@ def open_source(url: str, pool: ConnectionPool, storage_options: Mapping[str, An
         return HttpSource(url, pool, headers)
     if scheme in ("", "file", "local"):
         return LocalSource(url[len("local://") :] if scheme == "local" else url)
+    if direct:
+        from .cloud import cloud_source
+
+        source = cloud_source(url, scheme, options, pool)
+        if source is not None:
+            return source
     return FsspecSource(url, options)

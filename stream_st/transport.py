@@ -28,6 +28,7 @@ _CONTENT_RANGE_UNSATISFIED = re.compile(r"bytes \*/(\d+)")
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+_HUB_NOT_FOUND = frozenset({"RepoNotFound", "RevisionNotFound", "EntryNotFound"})
 
 
 class RetryableStatusError(FetchError):
@@ -120,6 +121,7 @@ class RangeStream:
         self.endpoint = endpoint  # where the answer came from, after redirects
         self._skip = skip  # leading bytes to drop when a server without Range support sent from byte 0
         self.etag = response.getheader("ETag")
+        self.header = response.getheader  # other response headers (X-Repo-Commit, x-goog-generation)
         self.partial = response.status == 206  # False: the server sent the whole object
 
     def readinto(self, buffer: memoryview) -> int:
@@ -229,8 +231,10 @@ def _check(
     status = response.status
     asked = f"bytes {start}-{end - 1}"
     context: dict[str, Any] = {"url": url, "start": start, "end": end}
-    if status == 404:
-        raise FileNotFoundError(f"{url}: not found (HTTP 404)")
+    hub_error = response.getheader("X-Error-Code")  # the Hub answers 401 for repos it will not reveal
+    if status == 404 or hub_error in _HUB_NOT_FOUND:
+        detail = f"{hub_error}: {response.getheader('X-Error-Message', '')}".rstrip(": ") if hub_error else "HTTP 404"
+        raise FileNotFoundError(f"{url}: not found ({detail})")
     if status in (401, 403):
         raise PermissionError(f"{url}: access denied (HTTP {status}); check the credentials")
     if status == 412:

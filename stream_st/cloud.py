@@ -1,0 +1,120 @@
+"""Object stores on the fast data plane: each protocol's fsspec filesystem turns an object into an
+authenticated HTTPS request, and stream_st's threaded ``readinto`` transport moves the bytes.
+
+Credential logic stays in s3fs/botocore, gcsfs/google-auth and huggingface_hub: we only ask them for a
+presigned URL (S3), a bearer token for the JSON API media URL (GCS), or the resolve URL and token (Hub).
+Every range also carries ``If-Match`` with the ETag the header read saw (transport.py).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .sources import HttpSource
+from .transport import ConnectionPool, Endpoint, RangeStream, redact
+
+Signer = Callable[[], Endpoint]
+
+# Presigned S3 URLs are made to live an hour and GCS access tokens live an hour; signing is local and
+# cheap, so a long load re-signs every 15 minutes rather than meet an expiry mid-load.
+_RESIGN_AFTER_S = 15 * 60
+_PRESIGN_EXPIRES_S = 3600
+
+
+class SignedSource(HttpSource):
+    """An object read over HTTPS with a URL and headers that the protocol's filesystem produces."""
+
+    resign_after: float | None = _RESIGN_AFTER_S
+
+    def __init__(self, name: str, sign: Signer, pool: ConnectionPool) -> None:
+        self._sign = sign
+        self._signed_at = time.monotonic()
+        first = sign()
+        super().__init__(first.url, pool, first.headers, name=name)
+
+    def pinned(self, url: str) -> str:
+        """``url`` made to address the version the header read saw (default: unchanged)."""
+        return url
+
+    def after_probe(self, header: Callable[[str], str | None]) -> None:
+        self.endpoint = Endpoint(self.pinned(self.endpoint.url), self.endpoint.headers, self.endpoint.name)
+
+    def open_range(self, start: int, end: int) -> RangeStream:
+        if self.resign_after is not None and time.monotonic() - self._signed_at > self.resign_after:
+            fresh = self._sign()
+            self.endpoint = Endpoint(self.pinned(fresh.url), fresh.headers, self.endpoint.name)
+            self._signed_at = time.monotonic()
+        return super().open_range(start, end)
+
+
+class GcsSource(SignedSource):
+    """gs://: the media URL with gcsfs's bearer token; later ranges carry ``ifGenerationMatch``."""
+
+    _generation: str | None = None
+
+    def after_probe(self, header: Callable[[str], str | None]) -> None:
+        self._generation = header("x-goog-generation")
+        super().after_probe(header)
+
+    def pinned(self, url: str) -> str:
+        return f"{url}&ifGenerationMatch={self._generation}" if self._generation else url
+
+
+class HubSource(SignedSource):
+    """hf://: the resolve URL, its revision replaced by the commit sha the first answer names; a redirect
+    to the CDN is followed once (transport.py drops the token when the host changes)."""
+
+    resign_after = None  # a Hub token does not expire mid-load, and re-resolving would cost a redirect
+    _RESOLVE = re.compile(r"/resolve/[^/]+/")
+
+    def after_probe(self, header: Callable[[str], str | None]) -> None:
+        commit = header("X-Repo-Commit")
+        if commit and re.fullmatch(r"[0-9a-f]{40}", commit) and "/resolve/" in self.endpoint.url:
+            url = self._RESOLVE.sub(f"/resolve/{commit}/", self.endpoint.url, count=1)
+            self.endpoint = Endpoint(url, self.endpoint.headers, self.endpoint.name)
+
+
+def _s3(url: str, fs: Any, path: str, pool: ConnectionPool) -> SignedSource:
+    # A presigned GET made by s3fs's own botocore client: its credentials, endpoint and region.
+    return SignedSource(redact(url), lambda: Endpoint(fs.url(path, expires=_PRESIGN_EXPIRES_S), {}), pool)
+
+
+def _gcs(url: str, fs: Any, path: str, pool: ConnectionPool) -> SignedSource:
+    def sign() -> Endpoint:
+        headers: dict[str, str] = {}
+        fs.credentials.apply(headers)  # refreshes the token when needed; adds nothing for anonymous access
+        return Endpoint(fs.url(path), headers)
+
+    return GcsSource(redact(url), sign, pool)
+
+
+def _hub(url: str, fs: Any, path: str, pool: ConnectionPool) -> SignedSource:
+    from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
+
+    def sign() -> Endpoint:
+        return Endpoint(fs.url(path), build_hf_headers(token=fs.token, library_name="stream_st"))
+
+    return HubSource(redact(url), sign, pool)
+
+
+_BUILDERS: Mapping[str, Callable[[str, Any, str, ConnectionPool], SignedSource]] = {
+    "s3": _s3,
+    "s3a": _s3,
+    "gs": _gcs,
+    "gcs": _gcs,
+    "hf": _hub,
+}
+
+
+def cloud_source(url: str, scheme: str, options: Mapping[str, Any], pool: ConnectionPool) -> SignedSource | None:
+    """The fast-path source for ``url``, or None if its scheme has none."""
+    builder = _BUILDERS.get(scheme)
+    if builder is None:
+        return None
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url, **options)
+    return builder(url, fs, path, pool)
