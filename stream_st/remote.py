@@ -40,12 +40,7 @@ class RemoteFile:
                 probe.prefix, url=source.url, file_size=probe.size, max_header_size=config.max_header_size
             )
             header_end = LENGTH_PREFIX + size
-            prefix = probe.prefix
-            if header_end > len(prefix):
-                logger.debug("%s: header of %d bytes is longer than the prefix; second GET", source.url, size)
-                rest = bytearray(header_end - len(prefix))
-                await engine.fetch(source, [Want("<header>", len(prefix), header_end)], lambda _: memoryview(rest))
-                prefix += bytes(rest)
+            prefix = await _extend(engine, source, probe.prefix, header_end)
             header = parse_header(bytes(prefix[LENGTH_PREFIX:header_end]), url=source.url, file_size=probe.size)
         except BaseException:
             source.close()
@@ -92,3 +87,23 @@ def check_rows(info: TensorInfo, rows: Rows, url: str) -> None:
     start, stop = rows
     if not 0 <= start <= stop <= info.shape[0]:
         raise IndexError(f"{url}: rows {start}:{stop} are outside tensor {info.name!r} of shape {list(info.shape)}")
+
+
+async def read_whole(url: str, engine: Engine, storage_options: Mapping[str, Any] | None) -> bytes:
+    """A small whole object (an index), through the same sources, retries and checks as tensor data."""
+    source = await engine.run(lambda: open_source(url, engine.pool, storage_options, direct=engine.config.direct_http))
+    try:
+        probe = await engine.probe(source)
+        return await _extend(engine, source, probe.prefix, probe.size)
+    finally:
+        source.close()
+
+
+async def _extend(engine: Engine, source: Source, prefix: bytes, end: int) -> bytes:
+    """``prefix`` grown to the object's first ``end`` bytes with one more ranged GET if it is shorter."""
+    if end <= len(prefix):
+        return prefix
+    logger.debug("%s: need %d bytes, the first GET brought %d; second GET", source.url, end, len(prefix))
+    rest = bytearray(end - len(prefix))
+    await engine.fetch(source, [Want("<prefix>", len(prefix), end)], lambda _: memoryview(rest))
+    return prefix + bytes(rest)

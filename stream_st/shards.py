@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 from .errors import HeaderError, TensorNotFoundError
 from .fetch import Engine
-from .remote import RemoteFile
+from .remote import RemoteFile, read_whole
 from .select import Selection, select
 from .transport import redact
 
@@ -137,7 +137,7 @@ async def open_checkpoint(url: str, engine: Engine, storage_options: Mapping[str
 
 
 async def _from_index(url: str, engine: Engine, options: dict[str, Any]) -> Checkpoint:
-    raw = await engine.run(_read_small, url, options)
+    raw = await read_whole(url, engine, options)
     try:
         index = json.loads(raw)
         weight_map = index["weight_map"]
@@ -165,18 +165,6 @@ def _join(base: str, name: str) -> str:
     if normalized.startswith(".."):
         raise HeaderError(f"{base}: index names a shard outside its folder: {name!r}", url=base)
     return f"{base}/{normalized}"
-
-
-def _read_small(url: str, options: dict[str, Any]) -> bytes:
-    """A small whole object (an index): local files directly, anything else through fsspec."""
-    if "://" not in url or url.startswith("file://"):
-        with open(urlsplit(url).path if url.startswith("file://") else url, "rb") as handle:
-            return handle.read()
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(url, **options)
-    data: bytes = fs.cat_file(path)
-    return data
 
 
 def _list_folder(base: str, options: dict[str, Any]) -> list[str]:

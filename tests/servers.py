@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -32,8 +33,11 @@ class Quirks:
     """Ways the server can misbehave, switched per test."""
 
     ignore_range: bool = False  # answer 200 with the whole object
-    short_body_once: int = 0  # cut this many ranged bodies short (then behave)
-    short_body_from: int = 0  # ...counting only ranges that start at or after this byte
+    faults: int = 0  # break this many ranged bodies (then behave), as fault_kind says:
+    fault_kind: str = "short"  # "short": close after half; "reset": TCP RST after half; "stall": pause
+    fault_from: int = 0  # ...counting only ranges that start at or after this byte
+    stall_seconds: float = 0.0
+    ranges_before_200: int | None = None  # honour this many Range requests, then answer 200 + whole body
     status_once: list[int] = field(default_factory=list)  # answer these statuses first, in order
     retry_after: str | None = None
     wrong_content_range: bool = False
@@ -113,6 +117,11 @@ class RangeServer:
             self._record(request, 412, 0)
             return web.Response(status=412)
         match = _RANGE.fullmatch(request.headers.get("Range", ""))
+        if quirks.ranges_before_200 is not None and match is not None:
+            if quirks.ranges_before_200 == 0:
+                match = None
+            else:
+                quirks.ranges_before_200 -= 1
         if match is None or quirks.ignore_range:
             self._record(request, 200, len(data))
             return web.Response(body=data, headers=headers, content_type="application/octet-stream")
@@ -124,17 +133,30 @@ class RangeServer:
         body = data[start : last + 1]
         shown_start = start + 1 if quirks.wrong_content_range else start
         headers["Content-Range"] = f"bytes {shown_start}-{last}/{len(data)}"
-        if quirks.short_body_once > 0 and start >= quirks.short_body_from:
-            quirks.short_body_once -= 1
-            # Promise the full length, send half, then drop the connection: a truncated body.
-            response = web.StreamResponse(status=206, headers={**headers, "Content-Length": str(len(body))})
-            await response.prepare(request)
-            await response.write(body[: len(body) // 2])
-            self._record(request, 206, len(body) // 2)
-            request.transport.close()  # type: ignore[union-attr]
-            return response
+        if quirks.faults > 0 and start >= quirks.fault_from:
+            quirks.faults -= 1
+            return await self._broken(request, quirks, headers, body)
         self._record(request, 206, len(body))
         return web.Response(status=206, body=body, headers=headers, content_type="application/octet-stream")
+
+
+    async def _broken(
+        self, request: web.Request, quirks: Quirks, headers: dict[str, str], body: bytes
+    ) -> web.StreamResponse:
+        """Promise the full length, send half, then fail as ``fault_kind`` says."""
+        response = web.StreamResponse(status=206, headers={**headers, "Content-Length": str(len(body))})
+        await response.prepare(request)
+        await response.write(body[: len(body) // 2])
+        self._record(request, 206, len(body) // 2)
+        transport = request.transport
+        assert transport is not None
+        if quirks.fault_kind == "stall":
+            await asyncio.sleep(quirks.stall_seconds)
+        elif quirks.fault_kind == "reset":
+            sock = transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close sends RST
+        transport.close()
+        return response
 
 
 def free_port() -> int:

@@ -130,7 +130,7 @@ def test_short_body_is_resumed_from_the_missing_byte(
     http: RangeServer, root: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     name = "layered.safetensors"
-    http.quirks.short_body_once, http.quirks.short_body_from = 1, 4096
+    http.quirks.faults, http.quirks.fault_from = 1, 4096
     config = Config(header_prefetch=4096, part_size=1 << 30, backoff_base=0.01)
     with caplog.at_level(logging.WARNING, logger="stream_st"):
         loaded = sst.load_file(http.url(name), config=config)
@@ -147,7 +147,7 @@ def test_short_body_is_resumed_from_the_missing_byte(
 
 
 def test_short_probe_is_retried(http: RangeServer, root: Path) -> None:
-    http.quirks.short_body_once = 1
+    http.quirks.faults = 1
     loaded = sst.load_file(http.url("small.safetensors"), backoff_base=0.01)
     assert_same(loaded, reference(root, "small.safetensors"))
     assert len(http.gets("small.safetensors")) == 2
