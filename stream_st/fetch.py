@@ -107,6 +107,9 @@ class Engine:
             cancelled.set()  # workers stop at their next chunk; wait so no thread writes after we return
             if pending:
                 await asyncio.wait(pending)
+                for future in pending:  # consumed: the first error is the one that propagates
+                    if not future.cancelled():
+                        future.exception()
             raise
 
     async def probe(self, source: Source) -> Probe:

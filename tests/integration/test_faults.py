@@ -5,6 +5,7 @@ the missing bytes; secrets never show up in messages or logs."""
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -123,6 +124,7 @@ def test_object_swapped_between_header_and_body(http: RangeServer, root: Path) -
     try:
         with sst.safe_open(http.url(path.name), header_prefetch=PREFETCH) as handle:
             safetensors.torch.save_file({"a": torch.ones(50_000), "b": torch.zeros(50_000)}, str(path))
+            os.utime(path, ns=(1, 1))  # file times tick coarsely: make sure the ETag (from mtime) changes
             with pytest.raises(sst.ObjectChangedError, match="object changed during the load"):
                 handle.get_tensors(["a", "b"])
     finally:
@@ -142,3 +144,54 @@ def test_secrets_stay_out_of_errors_reprs_and_logs(http: RangeServer, caplog: py
     from stream_st.transport import Endpoint
 
     assert secret not in repr(Endpoint(url, {"Authorization": secret}))
+
+
+def _open_sockets() -> int:
+    import os
+
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+        except OSError:
+            pass
+    return count
+
+
+def test_keyboard_interrupt_in_sync_api_cleans_up(http: RangeServer, root: Path) -> None:
+    import signal
+    import threading
+
+    from checkpoints import layered_state, write
+
+    big = write(root / "interrupted.safetensors", layered_state(layers=8, width=512))
+    url = http.url(big.name)
+    sockets_before = _open_sockets()
+    main = threading.get_ident()
+    timer = threading.Timer(0.05, lambda: signal.pthread_kill(main, signal.SIGINT))
+    try:
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            sst.load_file(url, part_size=4096, max_concurrency=2)
+        assert not [t for t in threading.enumerate() if t.name.startswith("stream_st-") and t.name != "stream_st-io"]
+        # Every connection of the interrupted load is closed (the in-process server's side of each
+        # connection closes when it notices, so give it a moment).
+        deadline = time.monotonic() + 3
+        while _open_sockets() > sockets_before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _open_sockets() <= sockets_before
+        assert_same(sst.load_file(url), safetensors.torch.load_file(str(big)))
+    finally:
+        timer.cancel()
+        big.unlink()
+
+
+def test_hostile_header_length_fails_fast_over_http(http: RangeServer, root: Path) -> None:
+    path = root / "hostile.safetensors"
+    path.write_bytes((2**64 - 1).to_bytes(8, "little") + b"{}" * 100)
+    try:
+        with pytest.raises(sst.HeaderError, match=f"header declares {2**64 - 1} bytes, more than the limit"):
+            sst.load_file(http.url(path.name))
+        assert len(http.gets(path.name)) == 1
+    finally:
+        path.unlink()
