@@ -28,6 +28,7 @@ die() { echo "start.sh: $*" >&2; exit 1; }
 if ! "$PY" - "$PORT" <<'PY'
 import socket, sys
 s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers do not count, a listener does
 try:
     s.bind(("127.0.0.1", int(sys.argv[1])))
 except OSError:
@@ -56,6 +57,9 @@ echo "$PORT" > "$RUN_DIR/port"
 # The S3 provider keeps object bytes under a hard-coded /tmp/localstack-s3-storage shared by every
 # LocalStack on the machine (two runs creating the same bucket collide); the launcher points it at
 # the run directory instead, falling back to the default with a warning if that attribute moves.
+# S3_SKIP_SIGNATURE_VALIDATION defaults to 0 here (LocalStack's own default is 1): SigV4 signatures and
+# presigned URLs are checked like AWS does (a tampered or expired presigned URL gets 403).
+# TMPDIR makes LocalStack log a harmless "TMPDIR is deprecated" warning; it keeps Python temp files in RUN_DIR.
 env -u PYTHONPATH -u VIRTUAL_ENV \
     OVERRIDE_IN_DOCKER=0 \
     GATEWAY_LISTEN="127.0.0.1:$PORT" \
@@ -64,6 +68,7 @@ env -u PYTHONPATH -u VIRTUAL_ENV \
     DISABLE_EVENTS=1 \
     SKIP_SSL_CERT_DOWNLOAD=1 \
     SERVICES=s3 \
+    S3_SKIP_SIGNATURE_VALIDATION="${S3_SKIP_SIGNATURE_VALIDATION:-0}" \
     FILESYSTEM_ROOT="$RUN_DIR/fs" \
     TMPDIR="$RUN_DIR/tmp" \
     STREAM_ST_LOCALSTACK_S3_DIR="$RUN_DIR/s3" \

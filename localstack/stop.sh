@@ -27,20 +27,34 @@ fi
 # Only ever delete a directory that start.sh made (it holds the marker files).
 looks_like_run_dir() { [ -f "$1/port" ] && [ -d "$1/s3" ] && [ -d "$1/fs" ]; }
 
+# Alive while any process of the group is. A leader that is a zombie with a single thread left has
+# exited and only waits for its (adopting) parent to reap it; a "zombie" leader that still has other
+# threads is a Python whose main thread returned while shutdown threads still run: not done yet.
+group_alive() {
+    local pid="$1" state threads others
+    kill -0 -- "-$pid" 2>/dev/null || kill -0 "$pid" 2>/dev/null || return 1
+    state="$(ps -o stat= -p "$pid" 2>/dev/null | cut -c1 || true)"
+    [ "$state" = "Z" ] || return 0
+    threads="$(ls "/proc/$pid/task" 2>/dev/null | wc -l)"
+    others="$(pgrep -g "$pid" 2>/dev/null | grep -cv "^$pid\$" || true)"
+    [ "${threads:-1}" -le 1 ] && [ "${others:-0}" = 0 ] && return 1
+    return 0
+}
+
 PID="$(cat "$RUN_DIR/pid" 2>/dev/null || true)"
-if [[ "$PID" =~ ^[0-9]+$ ]] && kill -0 "$PID" 2>/dev/null; then
-    # start.sh made LocalStack a session/group leader, so its PGID is its PID; check before signalling the group.
-    PGID="$(ps -o pgid= -p "$PID" | tr -d ' ')"
-    if [ "$PGID" = "$PID" ]; then
-        kill -TERM -- "-$PGID" 2>/dev/null || true
-    else
-        kill -TERM "$PID" 2>/dev/null || true
-    fi
+# Ours only if it is still LocalStack's launcher and leads its own group (start.sh used setsid):
+# a recycled PID of some other program is left alone.
+is_ours() {
+    local pid="$1"
+    [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null || return 1
+    [ "$(ps -o pgid= -p "$pid" | tr -d ' ')" = "$pid" ] || return 1
+    ps -o args= -p "$pid" | grep -q "localstack.runtime.main"
+}
+
+if is_ours "$PID"; then
+    kill -TERM -- "-$PID" 2>/dev/null || true
     deadline=$(( SECONDS + TIMEOUT ))
-    while kill -0 -- "-$PID" 2>/dev/null || kill -0 "$PID" 2>/dev/null; do
-        # A zombie (exited, not yet reaped by its parent) is done.
-        state="$(ps -o stat= -p "$PID" 2>/dev/null | cut -c1 || true)"
-        if [ "$state" = "Z" ] && ! pgrep -g "$PID" 2>/dev/null | grep -qv "^$PID\$"; then break; fi
+    while group_alive "$PID"; do
         if [ "$SECONDS" -ge "$deadline" ]; then
             echo "stop.sh: LocalStack (pgid $PID) still alive after ${TIMEOUT}s, sending SIGKILL" >&2
             kill -KILL -- "-$PID" 2>/dev/null || kill -KILL "$PID" 2>/dev/null || true

@@ -5,7 +5,7 @@ Plain helper, no pytest fixtures::
     emu = GcsEmulator()
     emu.start()                      # or set STREAM_ST_TEST_GCS_ENDPOINT to use one already running
     for k, v in emu.environ().items():
-        monkeypatch.setenv(k, v)     # see environ() for why, and the import-order caveat
+        monkeypatch.setenv(k, v)     # currently nothing: storage_options suffices (see its docstring)
     emu.make_bucket("b")
     emu.upload("b", "model.safetensors", data)
     fs = gcsfs.GCSFileSystem(**emu.storage_options)
@@ -22,11 +22,13 @@ What the emulator (gcp-storage-emulator 2026.7.19) does and does not do, checked
 * No ``ETag`` header on downloads, and ``If-Match`` / ``If-None-Match`` are ignored. The object resource
   (``info()``) does carry ``generation``, ``metageneration``, ``md5Hash``, ``crc32c`` and ``etag`` (= md5Hash);
   ``x-goog-hash: crc32c=...,md5=...`` is sent on whole-object (non-Range) downloads only.
-* Every upload of a name gets a new ``generation``.
+* ``generation=<wrong>`` on media GET is ignored too (the current bytes are served).
+* Every upload of a name gets a new ``generation``. A missing object gives 404 with an empty body.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -34,6 +36,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -88,7 +91,6 @@ class GcsEmulator:
             raise RuntimeError("gcp-storage-emulator not found (pip install gcp-storage-emulator)")
         port = _free_port()
         self.endpoint = f"http://127.0.0.1:{port}"
-        import tempfile
 
         fd, log = tempfile.mkstemp(prefix="gcs-emulator-", suffix=".log")
         self._log_path = Path(log)
@@ -127,10 +129,8 @@ class GcsEmulator:
     def stop(self) -> None:
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)  # its own session: only what we started
-            except ProcessLookupError:
-                pass
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
@@ -155,29 +155,32 @@ class GcsEmulator:
 
     @property
     def storage_options(self) -> dict[str, Any]:
-        """gcsfs options: anonymous, talking to the emulator.
+        """gcsfs options for the emulator; no environment variables are needed with these.
 
-        ``endpoint_url`` alone points gcsfs's HTTP (JSON API) traffic at the emulator; STORAGE_EMULATOR_HOST is
-        not needed for that. ``retry_timeout`` (only understood by gcsfs's ExtendedGcsFileSystem, ignored by the
-        plain class) bounds the gRPC bucket-type lookup that the extended class makes; see environ().
+        * ``token="anon"``: no credentials (otherwise google.auth.default() looks for ADC / the GCE metadata
+          server).
+        * ``endpoint_url``: all of gcsfs's JSON-API traffic goes here (STORAGE_EMULATOR_HOST is only the
+          fallback when endpoint_url is not given).
+        * ``retry_timeout=0``: gcsfs >= 2026.x makes ``gcsfs.GCSFileSystem`` (and fsspec's ``gs://``) the
+          ExtendedGcsFileSystem unless GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false was set *before gcsfs was first
+          imported*. That class asks the gRPC Storage Control API for the bucket layout before reads (at
+          ``endpoint_url``'s host:port, which has no gRPC), retries for 60 s, and does not cache the failure, so
+          every ``cat_file``/``open`` would take 60 s. ``retry_timeout`` bounds that retry: with 0 the lookup
+          fails in ~1-2 ms and gcsfs falls back to the plain JSON API (logging "Could not determine bucket
+          type" at WARNING each time). The plain GCSFileSystem accepts and ignores the option.
         """
-        return {"token": "anon", "endpoint_url": self.endpoint}
+        return {"token": "anon", "endpoint_url": self.endpoint, "retry_timeout": 0}
 
     def environ(self) -> dict[str, str]:
-        """Environment the tests should set (with monkeypatch) for gcsfs against the emulator.
+        """Environment variables the fixture should apply with monkeypatch: none are needed (empty dict).
 
-        ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false``: gcsfs >= 2026.x defaults to ExtendedGcsFileSystem, which
-        asks the gRPC Storage Control API for every bucket's layout; the emulator has no gRPC, so each bucket
-        costs a retried lookup. gcsfs reads this variable once, when ``gcsfs`` is first imported, to choose what
-        ``gcsfs.GCSFileSystem`` (and fsspec's ``gs://``/``gcs://``) is: it must be in the environment before
-        anything imports gcsfs, or the fixture must also point fsspec at the plain class (see
-        ``use_plain_gcsfs``).
-
-        ``STORAGE_EMULATOR_HOST``: only read when no ``endpoint_url`` is given (and by google-cloud-storage).
-        Set here so that code that builds its own GCSFileSystem without our storage_options still goes to the
-        emulator and never to storage.googleapis.com.
+        ``storage_options`` covers everything. Alternatives, for reference only:
+        ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false`` removes the gRPC lookup altogether but is read once, when
+        gcsfs is first imported, so a monkeypatch applied after anything imported gcsfs has no effect;
+        ``STORAGE_EMULATOR_HOST=<endpoint>`` would only matter for a GCSFileSystem built without
+        ``endpoint_url`` (and that one would still need ``token="anon"``).
         """
-        return {"GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "STORAGE_EMULATOR_HOST": self.endpoint}
+        return {}
 
     # --- data helpers (plain JSON API over urllib; no gcsfs needed) -----------------------------------
 

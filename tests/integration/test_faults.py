@@ -4,6 +4,7 @@ the missing bytes; secrets never show up in messages or logs."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -151,10 +152,8 @@ def _open_sockets() -> int:
 
     count = 0
     for fd in os.listdir("/proc/self/fd"):
-        try:
+        with contextlib.suppress(OSError):
             count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
-        except OSError:
-            pass
     return count
 
 
