@@ -15,6 +15,7 @@ from ._loop import run_sync
 from .config import Config, resolve
 from .fetch import Engine
 from .header import Header
+from .progress import ProgressOption, make_progress
 from .remote import RemoteFile
 from .select import Selection
 from .shards import Checkpoint, open_checkpoint
@@ -82,6 +83,22 @@ async def _load_located(
     }
 
 
+@contextlib.contextmanager
+def reporting(
+    checkpoint: Checkpoint, located: Mapping[RemoteFile, list[str]], option: ProgressOption
+) -> Iterator[None]:
+    """Report the bytes of ``located`` landing, as ``option`` asks (see ``progress.make_progress``)."""
+    total = sum(file.info(name).nbytes for file, names in located.items() for name in names)
+    engine = checkpoint.engine
+    engine.progress = make_progress(option, total, checkpoint.url.rsplit("/", 1)[-1])
+    try:
+        yield
+    finally:
+        if engine.progress is not None:
+            engine.progress.close()
+            engine.progress = None
+
+
 async def _with_deadline(config: Config, url: str, coro: Any) -> Any:
     if config.timeout is None:
         return await coro
@@ -130,6 +147,7 @@ async def load_file_async(
     dtype: torch.dtype | None = None,
     storage_options: Mapping[str, Any] | None = None,
     config: Config | None = None,
+    progress: ProgressOption = None,
     **options: Any,
 ) -> dict[str, torch.Tensor]:
     """Load the tensors of a safetensors checkpoint at ``url``, fetching only the bytes needed.
@@ -143,6 +161,9 @@ async def load_file_async(
         dtype: cast floating-point tensors to this dtype; other tensors keep theirs.
         storage_options: passed unchanged to fsspec (credentials, endpoints); for http(s), ``headers``.
         config: a [`Config`]; any of its fields can also be given as a keyword argument.
+        progress: None shows a progress bar on a terminal when the load lasts more than a second; True
+            always, False never; a callable is called as ``callback(bytes_done, bytes_total)`` (from worker
+            threads, at most ten times a second and once at the end).
 
     Returns:
         ``dict[name, Tensor]`` in file order, equal bit for bit to ``safetensors.torch.load_file``.
@@ -160,7 +181,9 @@ async def load_file_async(
 
     async def load() -> dict[str, torch.Tensor]:
         async with open_files(url, cfg, storage_options) as checkpoint:
-            return await _load_located(await checkpoint.locate(tensors), device, dtype)
+            located = await checkpoint.locate(tensors)
+            with reporting(checkpoint, located, progress):
+                return await _load_located(located, device, dtype)
 
     return await _with_deadline(cfg, url, load())  # type: ignore[no-any-return]
 
@@ -173,12 +196,20 @@ def load_file(
     dtype: torch.dtype | None = None,
     storage_options: Mapping[str, Any] | None = None,
     config: Config | None = None,
+    progress: ProgressOption = None,
     **options: Any,
 ) -> dict[str, torch.Tensor]:
     """Sync twin of [`load_file_async`]: ``load_file(url, device="cpu", *, tensors=None, dtype=None, ...)``."""
     return run_sync(
         load_file_async(
-            url, device, tensors=tensors, dtype=dtype, storage_options=storage_options, config=config, **options
+            url,
+            device,
+            tensors=tensors,
+            dtype=dtype,
+            storage_options=storage_options,
+            config=config,
+            progress=progress,
+            **options,
         )
     )
 
@@ -191,6 +222,7 @@ async def iter_tensors_async(
     dtype: torch.dtype | None = None,
     storage_options: Mapping[str, Any] | None = None,
     config: Config | None = None,
+    progress: ProgressOption = None,
     **options: Any,
 ) -> AsyncGenerator[tuple[str, torch.Tensor], None]:
     """Yield ``(name, tensor)`` in file order while later tensors download, with bounded memory.
@@ -200,8 +232,10 @@ async def iter_tensors_async(
     the budget forms a batch of its own).
     """
     cfg = resolve(config, options)
-    async with open_files(url, cfg, storage_options) as checkpoint:
-        batches = _batches(await checkpoint.locate(tensors), cfg.max_inflight_bytes)
+    async with open_files(url, cfg, storage_options) as checkpoint, contextlib.AsyncExitStack() as stack:
+        located = await checkpoint.locate(tensors)
+        stack.enter_context(reporting(checkpoint, located, progress))
+        batches = _batches(located, cfg.max_inflight_bytes)
         ahead: asyncio.Task[dict[str, torch.Tensor]] | None = None
         try:
             for index, batch in enumerate(batches):
@@ -242,11 +276,19 @@ def iter_tensors(
     dtype: torch.dtype | None = None,
     storage_options: Mapping[str, Any] | None = None,
     config: Config | None = None,
+    progress: ProgressOption = None,
     **options: Any,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Sync twin of [`iter_tensors_async`]; closing the iterator early cancels what is in flight."""
     agen = iter_tensors_async(
-        url, device, tensors=tensors, dtype=dtype, storage_options=storage_options, config=config, **options
+        url,
+        device,
+        tensors=tensors,
+        dtype=dtype,
+        storage_options=storage_options,
+        config=config,
+        progress=progress,
+        **options,
     )
     try:
         while True:
@@ -268,6 +310,7 @@ async def load_model_async(
     dtype: torch.dtype | None = None,
     storage_options: Mapping[str, Any] | None = None,
     config: Config | None = None,
+    progress: ProgressOption = None,
     **options: Any,
 ) -> tuple[list[str], list[str]]:
     """Load a checkpoint into ``model`` like ``safetensors.torch.load_model``, fetching only its tensors.
@@ -291,7 +334,9 @@ async def load_model_async(
     async def load() -> tuple[list[str], list[str]]:
         async with open_files(url, cfg, storage_options) as checkpoint:
             in_file = await checkpoint.names()
-            state = await _load_located(await checkpoint.locate(lambda name: name in model_keys), device, dtype)
+            located = await checkpoint.locate(lambda name: name in model_keys)
+            with reporting(checkpoint, located, progress):
+                state = await _load_located(located, device, dtype)
         result = model.load_state_dict(state, strict=False, assign=assign)
         missing = set(result.missing_keys)
         unexpected = [name for name in in_file if name not in model_keys]
@@ -328,6 +373,7 @@ def load_model(
     dtype: torch.dtype | None = None,
     storage_options: Mapping[str, Any] | None = None,
     config: Config | None = None,
+    progress: ProgressOption = None,
     **options: Any,
 ) -> tuple[list[str], list[str]]:
     """Sync twin of [`load_model_async`]."""
@@ -341,6 +387,7 @@ def load_model(
             dtype=dtype,
             storage_options=storage_options,
             config=config,
+            progress=progress,
             **options,
         )
     )

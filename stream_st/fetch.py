@@ -19,6 +19,7 @@ from typing import TypeVar
 from .config import Config
 from .errors import FetchError, IncompleteReadError
 from .plan import Part, Want, plan_parts
+from .progress import Progress
 from .sources import ByteStream, Probe, Source, read_exactly
 from .transport import TRANSIENT_ERRORS, ConnectionPool, RetryableStatusError
 
@@ -74,6 +75,7 @@ class Engine:
         self.config = config
         self.pool = ConnectionPool(connect_timeout=config.connect_timeout, read_timeout=config.stall_timeout)
         self.stats = Stats()
+        self.progress: Progress | None = None  # set by the API for the duration of a load
         self._executor = ThreadPoolExecutor(max_workers=config.max_concurrency, thread_name_prefix="stream_st")
         self._scratch = threading.local()
 
@@ -131,7 +133,7 @@ class Engine:
 
     def _fetch_part(self, source: Source, part: Part, destination: Destination, cancelled: threading.Event) -> None:
         """Read one part; a retry asks only for the bytes still missing."""
-        reader = _PartReader(part, destination, self._gap_scratch(), cancelled)
+        reader = _PartReader(part, destination, self._gap_scratch(), cancelled, self.progress)
 
         def attempt() -> None:
             stream = source.open_range(reader.position, part.end)
@@ -193,9 +195,17 @@ class Engine:
 class _PartReader:
     """Streams one part's bytes into its pieces' destinations; ``position`` is the next byte wanted."""
 
-    def __init__(self, part: Part, destination: Destination, scratch: memoryview, cancelled: threading.Event) -> None:
+    def __init__(
+        self,
+        part: Part,
+        destination: Destination,
+        scratch: memoryview,
+        cancelled: threading.Event,
+        progress: Progress | None,
+    ) -> None:
         self.part, self.position = part, part.start
         self._destination, self._scratch, self._cancelled = destination, scratch, cancelled
+        self._progress = progress
 
     def location(self) -> Location:
         piece = next((p for p in self.part.pieces if p.end > self.position), self.part.pieces[-1])
@@ -219,6 +229,8 @@ class _PartReader:
                 read_exactly(stream, chunk, url=url, start=self.position)
                 begin += len(chunk)
                 self.position += len(chunk)
+                if self._progress is not None:
+                    self._progress.advance(len(chunk))
 
 
 async def _reap(pending: set[asyncio.Future[None]], when: str) -> set[asyncio.Future[None]]:

@@ -74,6 +74,8 @@ class RemoteFile:
         if have <= 0:
             return [want]
         view[:have] = self._prefix[want.start : want.start + have]
+        if self.engine.progress is not None:
+            self.engine.progress.advance(have)
         return [Want(want.key, want.start + have, want.end, have)] if want.end > want.start + have else []
 
     def close(self) -> None:

@@ -179,3 +179,21 @@ def test_iter_tensors_closed_early_cancels(http: RangeServer) -> None:
     first = next(iterator)
     assert first[0] == sst.read_header(http.url("layered.safetensors")).offset_keys()[0]
     iterator.close()  # type: ignore[attr-defined]
+
+
+def test_progress_callback_reaches_the_total(http: RangeServer, root: Path) -> None:
+    calls: list[tuple[int, int]] = []
+    name = "layered.safetensors"
+    sst.load_file(http.url(name), part_size=65536, progress=lambda done, total: calls.append((done, total)))
+    total = sum(t.nbytes for t in sst.read_header(str(root / name)))
+    assert calls[-1] == (total, total)
+    assert all(b[0] >= a[0] for a, b in zip(calls, calls[1:]))
+    selected: list[tuple[int, int]] = []
+    sst.load_file(http.url(name), tensors="lm_head.*", progress=lambda d, t: selected.append((d, t)))
+    assert selected[-1] == (1000 * 256 * 2, 1000 * 256 * 2)
+
+
+def test_no_progress_bar_when_not_a_terminal(http: RangeServer, capsys: pytest.CaptureFixture[str]) -> None:
+    sst.load_file(http.url("layered.safetensors"))
+    sst.load_file(http.url("layered.safetensors"), progress=False)
+    assert capsys.readouterr().err == ""
