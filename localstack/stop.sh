@@ -4,12 +4,12 @@
 #   localstack/stop.sh [PORT | RUN_DIR]     # default: port 4566
 #
 # Sends SIGTERM to LocalStack's whole process group, waits up to LOCALSTACK_STOP_TIMEOUT
-# (default 15 s), then SIGKILLs what is left. Only the process group recorded in RUN_DIR/pid is touched.
+# (default 10 s), then SIGKILLs what is left. Only the process group recorded in RUN_DIR/pid is touched.
 set -euo pipefail
 
 ARG="${1:-4566}"
 STATE_BASE="${TMPDIR:-/tmp}"
-TIMEOUT="${LOCALSTACK_STOP_TIMEOUT:-15}"
+TIMEOUT="${LOCALSTACK_STOP_TIMEOUT:-10}"
 
 if [ -d "$ARG" ]; then
     RUN_DIR="$(cd "$ARG" && pwd)"

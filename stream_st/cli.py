@@ -1,4 +1,4 @@
-"""``stream-st``: inspect, load and demo safetensors checkpoints at URLs."""
+"""``stream-st``: inspect, list, load, benchmark and demo safetensors checkpoints at URLs."""
 
 from __future__ import annotations
 
@@ -6,81 +6,113 @@ import argparse
 import asyncio
 import json
 import sys
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from . import __version__
 
 EXAMPLES = {
-    "inspect": "stream-st inspect https://host/model.safetensors\n  stream-st inspect --json s3://bucket/model.safetensors",
-    "load": "stream-st load https://host/model.safetensors --select 'model.layers.0.*' --dtype f16",
+    "inspect": (
+        "stream-st inspect https://host/model.safetensors\n"
+        "  stream-st inspect --json hf://org/repo            # every shard of a repo\n"
+        "  stream-st inspect s3://bucket/model/model.safetensors.index.json"
+    ),
+    "ls": "stream-st ls hf://org/repo\n  stream-st ls s3://bucket/checkpoints/step-1000/",
+    "load": (
+        "stream-st load https://host/model.safetensors --select 'model.layers.0.*' --dtype f16\n"
+        "  stream-st load s3://bucket/model/ --device cuda"
+    ),
+    "bench": "stream-st bench https://host/model.safetensors",
     "demo": "stream-st demo",
 }
+_DTYPES = {"f16": "float16", "fp16": "float16", "bf16": "bfloat16", "f32": "float32", "fp32": "float32"}
 
 
 def _size(nbytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if nbytes < 1024 or unit == "TiB":
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024:
             return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.2f} {unit}"
         nbytes /= 1024
     return f"{nbytes:.2f} TiB"
 
 
-def _options(args: argparse.Namespace) -> dict[str, Any]:
-    return {"storage_options": json.loads(args.storage_options)} if args.storage_options else {}
+def _storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    return json.loads(args.storage_options) if getattr(args, "storage_options", None) else None
+
+
+async def _open_all(url: str, storage_options: dict[str, Any] | None) -> list[Any]:
+    """Every file of the checkpoint at ``url``, headers read and validated."""
+    from .api import open_files
+    from .config import Config
+
+    async with open_files(url, Config.from_env(), storage_options) as checkpoint:
+        files = await checkpoint.files(checkpoint.shards)
+        return [(file.url, file.header) for file in files]
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .api import read_header
-
-    header = read_header(args.url, **_options(args))
+    files = asyncio.run(_open_all(args.url, _storage_options(args)))
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "url": header.url,
-                    "file_size": header.file_size,
-                    "header_size": header.header_size,
-                    "metadata": header.metadata,
-                    "tensors": [
-                        {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "offsets": [t.start, t.end]}
-                        for t in header
-                    ],
-                },
-                indent=2,
-            )
-        )
+        document = [
+            {
+                "url": url,
+                "file_size": header.file_size,
+                "header_size": header.header_size,
+                "metadata": header.metadata,
+                "tensors": [
+                    {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "offsets": [t.start, t.end]}
+                    for t in header
+                ],
+            }
+            for url, header in files
+        ]
+        print(json.dumps(document[0] if len(document) == 1 else document, indent=2))
         return 0
-    width = max((len(t.name) for t in header), default=4)
-    print(f"{'name':<{width}}  {'dtype':<8} {'shape':<22} {'bytes':>12}  offsets")
-    for t in header:
-        print(f"{t.name:<{width}}  {t.dtype:<8} {str(list(t.shape)):<22} {t.nbytes:>12}  [{t.start}, {t.end})")
-    print(
-        f"\n{len(header)} tensors, {_size(header.data_size)} of data, header {header.header_size} bytes, "
-        f"object {_size(header.file_size)}"
-    )
-    if header.metadata:
-        print("metadata: " + json.dumps(header.metadata))
+    tensors = sum(len(header) for _, header in files)
+    data = sum(header.data_size for _, header in files)
+    for url, header in files:
+        if len(files) > 1:
+            print(f"\n== {url}")
+        width = max((len(t.name) for t in header), default=4)
+        print(f"{'name':<{width}}  {'dtype':<8} {'shape':<22} {'bytes':>12}  offsets")
+        for t in header:
+            print(f"{t.name:<{width}}  {t.dtype:<8} {str(list(t.shape)):<22} {t.nbytes:>12}  [{t.start}, {t.end})")
+        if header.metadata:
+            print("metadata: " + json.dumps(header.metadata))
+    print(f"\n{tensors} tensors in {len(files)} file(s), {_size(data)} of data")
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    files = asyncio.run(_open_all(args.url, _storage_options(args)))
+    for url, header in files:
+        print(f"{_size(header.file_size):>12}  {len(header):>6} tensors  {url}")
+    print(f"{_size(sum(h.file_size for _, h in files)):>12}  {sum(len(h) for _, h in files):>6} tensors  total")
     return 0
 
 
 async def _timed_load(
-    url: str, selection: list[str] | None, dtype: Any, device: str, storage_options: dict[str, Any] | None
+    url: str,
+    selection: list[str] | None,
+    dtype: Any,
+    device: str,
+    storage_options: dict[str, Any] | None,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
     """Load and report what it cost: seconds, bytes, requests, time to first tensor."""
-    from .api import finish, open_remote
+    from .api import _load_located, open_files, reporting
     from .config import Config
-    from .select import select
 
-    config = Config.from_env()
     started = time.perf_counter()
-    async with open_remote(url, config, storage_options) as file:
+    async with open_files(url, Config.from_env(), storage_options) as checkpoint:
+        located = await checkpoint.locate(selection)
         header_seconds = time.perf_counter() - started
-        names = select(file.header.offset_keys(), selection, url=file.url)
-        hosts = await file.load((name, None) for name in names)
-        tensors = {name: finish(hosts.pop(name), device, dtype) for name in names}
-        stats = file.engine.stats
+        with reporting(checkpoint, located, progress):
+            tensors = await _load_located(located, device, dtype)
+        stats = checkpoint.engine.stats
     seconds = time.perf_counter() - started
     return {
         "tensors": tensors,
@@ -97,21 +129,88 @@ def _print_report(report: dict[str, Any]) -> None:
     seconds = report["seconds"]
     print(
         f"loaded {len(report['tensors'])} tensors, {_size(report['tensor_bytes'])} in {seconds:.3f} s "
-        f"({report['bytes'] / seconds / 1e9:.2f} GB/s on the wire); {report['requests']} requests, "
+        f"({report['tensor_bytes'] / seconds / 1e9:.2f} GB/s); {report['requests']} requests, "
         f"{_size(report['bytes'])} pulled, {report['retries']} retries; "
-        f"header in {report['header_seconds'] * 1e3:.1f} ms"
+        f"headers read after {report['header_seconds'] * 1e3:.1f} ms"
     )
-
-
-_DTYPES = {"f16": "float16", "fp16": "float16", "bf16": "bfloat16", "f32": "float32", "fp32": "float32"}
 
 
 def cmd_load(args: argparse.Namespace) -> int:
     import torch
 
     dtype = getattr(torch, _DTYPES.get(args.dtype, args.dtype)) if args.dtype else None
-    report = asyncio.run(_timed_load(args.url, args.select, dtype, args.device, _options(args).get("storage_options")))
+    progress = False if args.no_progress else None
+    report = asyncio.run(_timed_load(args.url, args.select, dtype, args.device, _storage_options(args), progress))
     _print_report(report)
+    return 0
+
+
+async def _raw_read(url: str, storage_options: dict[str, Any] | None) -> tuple[float, int]:
+    """The same parts stream_st would fetch, read with the same connections into one reused scratch
+    buffer per thread: the network ceiling as this client sees it, without tensors or allocation."""
+    from .config import Config
+    from .fetch import Engine
+    from .plan import Want, plan_parts
+    from .remote import RemoteFile
+
+    config = Config.from_env()
+    engine = Engine(config)
+    started = time.perf_counter()
+    total = 0
+    try:
+        for shard in await _shard_urls(url, engine, storage_options):
+            file = await RemoteFile.open(shard, engine, storage_options)
+            try:
+                wants = [Want(t.name, t.start, t.end) for t in file.header]
+                parts = plan_parts(wants, max_gap=config.max_gap, part_size=config.part_size)
+                local = threading.local()
+
+                def read(part: Any, source: Any = file.source, local: threading.local = local) -> int:
+                    scratch = getattr(local, "buffer", None)
+                    if scratch is None:
+                        scratch = local.buffer = memoryview(bytearray(config.part_size))
+                    stream = source.open_range(part.start, part.end)
+                    view, got = scratch[: part.size], 0
+                    while got < part.size:
+                        n = stream.readinto(view[got:])
+                        if not n:
+                            raise OSError(f"{source.url}: body ended early")
+                        got += n
+                    stream.close(reusable=True)
+                    return got
+
+                with ThreadPoolExecutor(config.max_concurrency) as pool:
+                    total += sum(pool.map(read, parts))
+            finally:
+                file.close()
+    finally:
+        engine.close()
+    return time.perf_counter() - started, total
+
+
+async def _shard_urls(url: str, engine: Any, storage_options: dict[str, Any] | None) -> list[str]:
+    from .shards import open_checkpoint
+
+    checkpoint = await open_checkpoint(url, engine, storage_options)
+    return list(checkpoint.shards)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    options = _storage_options(args)
+    rows = []
+    for _ in range(args.repeats):
+        raw_seconds, raw_bytes = asyncio.run(_raw_read(args.url, options))
+        report = asyncio.run(_timed_load(args.url, None, None, "cpu", options, False))
+        del report["tensors"]
+        rows.append((raw_seconds, report["seconds"]))
+        print(
+            f"raw ranged GETs: {raw_seconds:.3f} s ({raw_bytes / raw_seconds / 1e9:.2f} GB/s)   "
+            f"stream_st.load_file: {report['seconds']:.3f} s ({report['tensor_bytes'] / report['seconds'] / 1e9:.2f} "
+            f"GB/s)   ratio {report['seconds'] / raw_seconds:.2f}×"
+        )
+    raw = sorted(r for r, _ in rows)[len(rows) // 2]
+    ours = sorted(s for _, s in rows)[len(rows) // 2]
+    print(f"median over {len(rows)}: stream_st takes {ours / raw:.2f}× the raw read of the same bytes")
     return 0
 
 
@@ -126,9 +225,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         report = asyncio.run(_timed_load(url, None, None, "cpu", None))
         _print_report(report)
         expected = safetensors.torch.load_file(str(path))
-        same = (
-            all(torch.equal(report["tensors"][n].view(torch.uint8), t.view(torch.uint8)) for n, t in expected.items())
-            and report["tensors"].keys() == expected.keys()
+        same = report["tensors"].keys() == expected.keys() and all(
+            torch.equal(report["tensors"][n].view(torch.uint8), t.view(torch.uint8)) for n, t in expected.items()
         )
         print(f"bit-exact against safetensors.torch.load_file: {'yes' if same else 'NO'}")
         partial = asyncio.run(_timed_load(url, ["model.layers.1.*"], None, "cpu", None))
@@ -152,20 +250,26 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawTextHelpFormatter,
         )
         if name != "demo":
-            sub.add_argument("url", help="https://, s3://, gs://, hf://, file:// URL or a local path")
+            sub.add_argument("url", help="a file, index.json, folder or repo: https://, s3://, gs://, hf://, path")
             sub.add_argument("--storage-options", help="JSON passed to fsspec (credentials, endpoint)")
         return sub
 
     inspect = command("inspect", "print the header: tensors, dtypes, shapes, offsets, metadata")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.set_defaults(run=cmd_inspect)
+    command("ls", "list the safetensors files of a checkpoint with sizes").set_defaults(run=cmd_ls)
     load = command("load", "stream tensors and report bytes, requests, seconds and GB/s")
     load.add_argument("--select", action="append", help="name or glob of tensors to load (repeatable)")
     load.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     load.add_argument("--dtype", help="cast floating tensors: f16, bf16, f32")
+    load.add_argument("--no-progress", action="store_true", help="no progress bar")
     load.set_defaults(run=cmd_load)
-    demo = command("demo", "serve a small checkpoint on 127.0.0.1, stream it, check it against safetensors")
-    demo.set_defaults(run=cmd_demo)
+    bench = command("bench", "stream_st against a raw ranged-GET read of the same bytes, as a ratio")
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.set_defaults(run=cmd_bench)
+    command("demo", "serve a small checkpoint on 127.0.0.1, stream it, check it against safetensors").set_defaults(
+        run=cmd_demo
+    )
     return parser
 
 
