@@ -24,6 +24,7 @@ from .errors import (
     TensorNotFoundError,
     UnsupportedDtypeError,
 )
+from .fetch import Stats
 from .header import Header, TensorInfo
 from .safe_open import AsyncSafeOpen, TensorSlice, safe_open, safe_open_async
 
@@ -39,6 +40,7 @@ __all__ = [
     "IncompleteReadError",
     "ObjectChangedError",
     "RangeNotSupportedError",
+    "Stats",
     "StreamSTError",
     "TensorInfo",
     "TensorNotFoundError",

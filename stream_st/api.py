@@ -13,7 +13,7 @@ import torch
 
 from ._loop import run_sync
 from .config import Config, resolve
-from .fetch import Engine
+from .fetch import Engine, Stats
 from .header import Header
 from .progress import ProgressOption, make_progress
 from .remote import RemoteFile
@@ -28,9 +28,9 @@ Device = str | int | torch.device
 
 
 @contextlib.asynccontextmanager
-async def open_engine(url: str, config: Config) -> AsyncIterator[Engine]:
+async def open_engine(url: str, config: Config, stats: Stats | None = None) -> AsyncIterator[Engine]:
     """An engine for one load, closed on exit; logs one summary line per load."""
-    engine = Engine(config)
+    engine = Engine(config, stats)
     started = time.perf_counter()
     try:
         yield engine
@@ -61,9 +61,11 @@ async def open_remote(url: str, config: Config, storage_options: Mapping[str, An
 
 
 @contextlib.asynccontextmanager
-async def open_files(url: str, config: Config, storage_options: Mapping[str, Any] | None) -> AsyncIterator[Checkpoint]:
+async def open_files(
+    url: str, config: Config, storage_options: Mapping[str, Any] | None, stats: Stats | None = None
+) -> AsyncIterator[Checkpoint]:
     """The checkpoint at ``url`` (a file, an index or a folder) and its engine, closed on exit."""
-    async with open_engine(url, config) as engine:
+    async with open_engine(url, config, stats) as engine:
         checkpoint = await open_checkpoint(url, engine, storage_options)
         try:
             yield checkpoint
@@ -148,6 +150,7 @@ async def load_file_async(
     storage_options: Mapping[str, Any] | None = None,
     config: Config | None = None,
     progress: ProgressOption = None,
+    stats: Stats | None = None,
     **options: Any,
 ) -> dict[str, torch.Tensor]:
     """Load the tensors of a safetensors checkpoint at ``url``, fetching only the bytes needed.
@@ -164,6 +167,7 @@ async def load_file_async(
         progress: None shows a progress bar on a terminal when the load lasts more than a second; True
             always, False never; a callable is called as ``callback(bytes_done, bytes_total)`` (from worker
             threads, at most ten times a second and once at the end).
+        stats: a [`Stats`] that receives this load's requests, bytes received and retries.
 
     Returns:
         ``dict[name, Tensor]`` in file order, equal bit for bit to ``safetensors.torch.load_file``.
@@ -180,7 +184,7 @@ async def load_file_async(
     cfg = resolve(config, options)
 
     async def load() -> dict[str, torch.Tensor]:
-        async with open_files(url, cfg, storage_options) as checkpoint:
+        async with open_files(url, cfg, storage_options, stats) as checkpoint:
             located = await checkpoint.locate(tensors)
             with reporting(checkpoint, located, progress):
                 return await _load_located(located, device, dtype)
@@ -197,6 +201,7 @@ def load_file(
     storage_options: Mapping[str, Any] | None = None,
     config: Config | None = None,
     progress: ProgressOption = None,
+    stats: Stats | None = None,
     **options: Any,
 ) -> dict[str, torch.Tensor]:
     """Sync twin of [`load_file_async`]: ``load_file(url, device="cpu", *, tensors=None, dtype=None, ...)``."""
@@ -209,6 +214,7 @@ def load_file(
             storage_options=storage_options,
             config=config,
             progress=progress,
+            stats=stats,
             **options,
         )
     )
@@ -223,6 +229,7 @@ async def iter_tensors_async(
     storage_options: Mapping[str, Any] | None = None,
     config: Config | None = None,
     progress: ProgressOption = None,
+    stats: Stats | None = None,
     **options: Any,
 ) -> AsyncGenerator[tuple[str, torch.Tensor], None]:
     """Yield ``(name, tensor)`` in file order while later tensors download, with bounded memory.
@@ -232,7 +239,7 @@ async def iter_tensors_async(
     the budget forms a batch of its own).
     """
     cfg = resolve(config, options)
-    async with open_files(url, cfg, storage_options) as checkpoint, contextlib.AsyncExitStack() as stack:
+    async with open_files(url, cfg, storage_options, stats) as checkpoint, contextlib.AsyncExitStack() as stack:
         located = await checkpoint.locate(tensors)
         stack.enter_context(reporting(checkpoint, located, progress))
         batches = _batches(located, cfg.max_inflight_bytes)
@@ -277,6 +284,7 @@ def iter_tensors(
     storage_options: Mapping[str, Any] | None = None,
     config: Config | None = None,
     progress: ProgressOption = None,
+    stats: Stats | None = None,
     **options: Any,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Sync twin of [`iter_tensors_async`]; closing the iterator early cancels what is in flight."""
@@ -288,6 +296,7 @@ def iter_tensors(
         storage_options=storage_options,
         config=config,
         progress=progress,
+        stats=stats,
         **options,
     )
     try:
@@ -311,6 +320,7 @@ async def load_model_async(
     storage_options: Mapping[str, Any] | None = None,
     config: Config | None = None,
     progress: ProgressOption = None,
+    stats: Stats | None = None,
     **options: Any,
 ) -> tuple[list[str], list[str]]:
     """Load a checkpoint into ``model`` like ``safetensors.torch.load_model``, fetching only its tensors.
@@ -332,7 +342,7 @@ async def load_model_async(
     groups = _tied_groups(model)
 
     async def load() -> tuple[list[str], list[str]]:
-        async with open_files(url, cfg, storage_options) as checkpoint:
+        async with open_files(url, cfg, storage_options, stats) as checkpoint:
             in_file = await checkpoint.names()
             located = await checkpoint.locate(lambda name: name in model_keys)
             with reporting(checkpoint, located, progress):
@@ -374,6 +384,7 @@ def load_model(
     storage_options: Mapping[str, Any] | None = None,
     config: Config | None = None,
     progress: ProgressOption = None,
+    stats: Stats | None = None,
     **options: Any,
 ) -> tuple[list[str], list[str]]:
     """Sync twin of [`load_model_async`]."""
@@ -388,6 +399,7 @@ def load_model(
             storage_options=storage_options,
             config=config,
             progress=progress,
+            stats=stats,
             **options,
         )
     )

@@ -40,7 +40,9 @@ class LoadCancelledError(Exception):
 
 @dataclass
 class Stats:
-    """What one engine did: requests sent, bytes received, retries. Updated from worker threads."""
+    """What a load did: requests sent, bytes received (header reads and gap bytes included), retries.
+
+    Pass one as ``stats=`` to a loading function to have it filled; updated from worker threads."""
 
     requests: int = 0
     bytes: int = 0
@@ -71,10 +73,10 @@ class Location:
 class Engine:
     """Worker threads, keep-alive connections and counters shared by every file of one load."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, stats: Stats | None = None) -> None:
         self.config = config
         self.pool = ConnectionPool(connect_timeout=config.connect_timeout, read_timeout=config.stall_timeout)
-        self.stats = Stats()
+        self.stats = stats if stats is not None else Stats()
         self.progress: Progress | None = None  # set by the API for the duration of a load
         self._executor = ThreadPoolExecutor(max_workers=config.max_concurrency, thread_name_prefix="stream_st")
         self._scratch = threading.local()

@@ -138,7 +138,7 @@ class RangeStream:
         if reusable and self._response.isclosed() and not self._response.will_close:
             self._pool.release(*self._key, self._conn)
         else:
-            self._conn.close()
+            _drop(self._conn, self._response)
 
 
 def open_range(
@@ -182,7 +182,7 @@ def open_range(
         logger.debug("GET %s bytes=%d-%d -> %d", redact(url), start, end - 1, status)
         if status in _REDIRECTS and response.getheader("Location"):
             location = urljoin(url, response.getheader("Location", ""))
-            _discard(conn, response)
+            _drop(conn, response)  # a redirect's body is of no use
             if urlsplit(location).netloc != parts.netloc:
                 # Credentials are for the origin; a CDN or presigned target must not receive them.
                 headers.pop("Authorization", None)
@@ -191,7 +191,7 @@ def open_range(
         try:
             total = _check(response, shown, start, end, size=size, etag=etag, ranged=ranged)
         except BaseException:
-            conn.close()
+            _drop(conn, response)
             raise
         skip = start if status == 200 and start else 0
         headers.pop("Range", None)
@@ -210,10 +210,9 @@ def _send(
     return conn.getresponse()
 
 
-def _discard(conn: http.client.HTTPConnection, response: http.client.HTTPResponse) -> None:
-    length = response.getheader("Content-Length")
-    if length is not None and int(length) <= 65536:
-        response.read()
+def _drop(conn: http.client.HTTPConnection, response: http.client.HTTPResponse) -> None:
+    """Close a connection whose response may be unread: the response holds the socket open too."""
+    response.close()
     conn.close()
 
 

@@ -55,7 +55,7 @@ def http(_range_server: RangeServer) -> Iterator[RangeServer]:
 @pytest.fixture(scope="session")
 def _nginx(root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nginx]:
     if shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists():
-        if os.environ.get("STREAM_ST_REQUIRE_NGINX") == "1":
+        if _require("nginx"):
             pytest.fail("nginx is required (STREAM_ST_REQUIRE_NGINX=1) but not installed")
         pytest.skip("nginx is not installed")
     server = Nginx(root, tmp_path_factory.mktemp("nginx"))
@@ -68,3 +68,28 @@ def nginx(_nginx: Nginx) -> Nginx:
     """nginx on 127.0.0.1 with an empty access log."""
     _nginx.clear_log()
     return _nginx
+
+
+def _require(kind: str) -> bool:
+    """Whether a missing server must fail the run (CI sets STREAM_ST_REQUIRE_<KIND>=1) instead of skipping."""
+    return os.environ.get(f"STREAM_ST_REQUIRE_{kind.upper()}") == "1"
+
+
+@pytest.fixture(scope="session")
+def s3(root: Path) -> Iterator[object]:
+    """LocalStack on 127.0.0.1 (or STREAM_ST_TEST_S3_ENDPOINT) with the test checkpoints uploaded."""
+    from s3_server import S3Server, localstack_available
+
+    available, reason = localstack_available()
+    if not available:
+        if _require("s3"):
+            pytest.fail(f"S3 tests are required (STREAM_ST_REQUIRE_S3=1) but cannot run: {reason}")
+        pytest.skip(f"no S3 endpoint: {reason}")
+    server = S3Server().start()
+    try:
+        server.make_layout()
+        for path in [*root.glob("*.safetensors"), *(root / "sharded").iterdir()]:
+            server.upload(server.bucket, f"checkpoints/{path.relative_to(root)}", path)
+        yield server
+    finally:
+        server.stop()

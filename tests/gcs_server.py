@@ -28,6 +28,7 @@ What the emulator (gcp-storage-emulator 2026.7.19) does and does not do, checked
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -104,6 +105,7 @@ class GcsEmulator:
                 env=env,
                 start_new_session=True,
             )
+        atexit.register(self.stop)  # no orphaned emulator if the test process ends without stop()
         try:
             self._wait_ready(self.proc)
         except BaseException:
@@ -127,6 +129,7 @@ class GcsEmulator:
         raise RuntimeError(f"gcp-storage-emulator at {self.endpoint} not ready: {last}; {self.log_text()}")
 
     def stop(self) -> None:
+        atexit.unregister(self.stop)
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -188,7 +191,9 @@ class GcsEmulator:
         req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
         with urllib.request.urlopen(req, timeout=30) as r:
             body = r.read()
-        return json.loads(body) if body else None
+        if not body or not r.headers.get("Content-Type", "").startswith("application/json"):
+            return None
+        return json.loads(body)
 
     def make_bucket(self, name: str) -> dict[str, Any]:
         """Create bucket ``name`` (no error if it exists)."""
