@@ -72,8 +72,7 @@ def ensure_checkpoint(out_dir: Path, size_gib: float) -> Path:
     data_dir.mkdir(parents=True, exist_ok=True)
     path = data_dir / f"llama-like-h{hidden}-l{LAYERS}-bf16.safetensors"
     if not path.exists():
-        print(f"generating {path.name} (hidden {hidden}, ~{layout_bytes(hidden) / (1 << 30):.2f} GiB) ...",
-              flush=True)
+        print(f"generating {path.name} (hidden {hidden}, ~{layout_bytes(hidden) / (1 << 30):.2f} GiB) ...", flush=True)
         # In a child process: the parent stays small (it forks every contender) and gets no torch import.
         subprocess.run([sys.executable, __file__, str(path), str(hidden)], check=True)
     # nginx workers may run as another user: the file and every folder above it must be readable.
@@ -89,8 +88,10 @@ def _write(path: Path, hidden: int) -> None:
 
     # Random values (not zeros) so nothing downstream can take a shortcut on constant data.
     gen = torch.Generator().manual_seed(0)
-    tensors = {name: torch.randn(shape, generator=gen, dtype=torch.float32).to(torch.bfloat16)
-               for name, shape in layout(hidden).items()}
+    tensors = {
+        name: torch.randn(shape, generator=gen, dtype=torch.float32).to(torch.bfloat16)
+        for name, shape in layout(hidden).items()
+    }
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     del tensors
@@ -125,8 +126,11 @@ def read_header(path: Path) -> HeaderInfo:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
     base = 8 + n
-    spans = {name: (base + info["data_offsets"][0], base + info["data_offsets"][1])
-             for name, info in header.items() if name != "__metadata__"}
+    spans = {
+        name: (base + info["data_offsets"][0], base + info["data_offsets"][1])
+        for name, info in header.items()
+        if name != "__metadata__"
+    }
     return HeaderInfo(header_bytes=base, spans=spans, file_bytes=path.stat().st_size)
 
 

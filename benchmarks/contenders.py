@@ -49,23 +49,30 @@ print(f"verified {len(sd)} tensors")
 
 CONTENDERS = [
     Contender(
-        "curl", "curl -s -o /dev/null (server ceiling, no Python)",
-        command=("curl", "-s", "-o", "/dev/null", "{url}"), verifiable=False,
+        "curl",
+        "curl -s -o /dev/null (server ceiling, no Python)",
+        command=("curl", "-s", "-o", "/dev/null", "{url}"),
+        verifiable=False,
     ),
     Contender(
-        "start", "python -c 'import torch, safetensors' (start-up only)",
-        load="import torch, safetensors\nsd = {}", verifiable=False,
+        "start",
+        "python -c 'import torch, safetensors' (start-up only)",
+        load="import torch, safetensors\nsd = {}",
+        verifiable=False,
     ),
     Contender(
-        "stream_st", "stream_st.load_file(url)",
+        "stream_st",
+        "stream_st.load_file(url)",
         load="import stream_st\nsd = stream_st.load_file(URL)",
     ),
     Contender(
-        "safetensors_streaming", "safetensors_streaming.load_file(url) (Rust)",
+        "safetensors_streaming",
+        "safetensors_streaming.load_file(url) (Rust)",
         load="import safetensors_streaming\nsd = safetensors_streaming.load_file(URL)",
     ),
     Contender(
-        "fsspec", "fsspec.open(url).read() + safetensors.torch.load",
+        "fsspec",
+        "fsspec.open(url).read() + safetensors.torch.load",
         load=(
             "import fsspec, safetensors.torch\n"
             "with fsspec.open(URL, 'rb') as f:\n"
@@ -74,7 +81,8 @@ CONTENDERS = [
         ),
     ),
     Contender(
-        "download", "urlretrieve to a temp file + safetensors.torch.load_file",
+        "download",
+        "urlretrieve to a temp file + safetensors.torch.load_file",
         load=(
             "import os, tempfile, urllib.request, safetensors.torch\n"
             "with tempfile.TemporaryDirectory() as d:\n"
@@ -84,7 +92,8 @@ CONTENDERS = [
         ),
     ),
     Contender(
-        "partial", "stream_st.load_file(url, tensors=[layers 0, 1])",
+        "partial",
+        "stream_st.load_file(url, tensors=[layers 0, 1])",
         load=f"import stream_st\nPATTERNS = {PARTIAL!r}\nsd = stream_st.load_file(URL, tensors=PATTERNS)",
         partial=True,
     ),

@@ -57,6 +57,7 @@ def header_bytes(tensors: list[Tensor], metadata: dict[str, str] | None = None) 
 
 # --- layouts --------------------------------------------------------------------------------------------
 
+
 def llama_layer(i: int, hidden: int, inter: int, kv: int, dtype: str) -> Iterator[Tensor]:
     p = f"model.layers.{i}."
     yield p + "self_attn.q_proj.weight", dtype, (hidden, hidden)
@@ -71,8 +72,11 @@ def llama_layer(i: int, hidden: int, inter: int, kv: int, dtype: str) -> Iterato
 
 
 def ends(hidden: int, vocab: int, dtype: str) -> list[Tensor]:
-    return [("model.embed_tokens.weight", dtype, (vocab, hidden)), ("model.norm.weight", dtype, (hidden,)),
-            ("lm_head.weight", dtype, (vocab, hidden))]
+    return [
+        ("model.embed_tokens.weight", dtype, (vocab, hidden)),
+        ("model.norm.weight", dtype, (hidden,)),
+        ("lm_head.weight", dtype, (vocab, hidden)),
+    ]
 
 
 def llama2_7b() -> list[Tensor]:
@@ -94,8 +98,11 @@ def mixtral_8x7b() -> list[Tensor]:
         out.append((p + "block_sparse_moe.gate.weight", "BF16", (8, 4096)))
         for e in range(8):
             q = p + f"block_sparse_moe.experts.{e}."
-            out += [(q + "w1.weight", "BF16", (14336, 4096)), (q + "w2.weight", "BF16", (4096, 14336)),
-                    (q + "w3.weight", "BF16", (14336, 4096))]
+            out += [
+                (q + "w1.weight", "BF16", (14336, 4096)),
+                (q + "w2.weight", "BF16", (4096, 14336)),
+                (q + "w3.weight", "BF16", (14336, 4096)),
+            ]
     return out
 
 
@@ -111,15 +118,19 @@ def deepseek_layer(i: int, experts: int, fp8: bool) -> list[Tensor]:
     def proj(name: str, rows: int, cols: int) -> list[Tensor]:
         if not fp8:
             return [(name + ".weight", "BF16", (rows, cols))]
-        return [(name + ".weight", "F8_E4M3", (rows, cols)),
-                (name + ".weight_scale_inv", "F32", (-(-rows // 128), -(-cols // 128)))]
+        return [
+            (name + ".weight", "F8_E4M3", (rows, cols)),
+            (name + ".weight_scale_inv", "F32", (-(-rows // 128), -(-cols // 128))),
+        ]
 
-    out: list[Tensor] = [(p + "input_layernorm.weight", "BF16", (h,)),
-                         (p + "post_attention_layernorm.weight", "BF16", (h,)),
-                         (p + "self_attn.q_a_layernorm.weight", "BF16", (1536,)),
-                         (p + "self_attn.kv_a_layernorm.weight", "BF16", (512,)),
-                         (p + "mlp.gate.weight", "BF16", (256, h)),
-                         (p + "mlp.gate.e_score_correction_bias", "F32", (256,))]
+    out: list[Tensor] = [
+        (p + "input_layernorm.weight", "BF16", (h,)),
+        (p + "post_attention_layernorm.weight", "BF16", (h,)),
+        (p + "self_attn.q_a_layernorm.weight", "BF16", (1536,)),
+        (p + "self_attn.kv_a_layernorm.weight", "BF16", (512,)),
+        (p + "mlp.gate.weight", "BF16", (256, h)),
+        (p + "mlp.gate.e_score_correction_bias", "F32", (256,)),
+    ]
     out += proj(p + "self_attn.q_a_proj", 1536, h) + proj(p + "self_attn.q_b_proj", 24576, 1536)
     out += proj(p + "self_attn.kv_a_proj_with_mqa", 576, h) + proj(p + "self_attn.kv_b_proj", 32768, 512)
     out += proj(p + "self_attn.o_proj", h, 16384)
@@ -170,6 +181,7 @@ LAYOUTS = [
 
 # --- checks ---------------------------------------------------------------------------------------------
 
+
 def check_against_safetensors() -> str:
     """The builder vs ``safetensors.torch.save`` on a tiny Llama-like layout (names as in real files)."""
     import torch
@@ -178,8 +190,9 @@ def check_against_safetensors() -> str:
     tiny = [t for i in range(3) for t in llama_layer(i, 64, 176, 16, "BF16")] + ends(64, 100, "BF16")
     tiny.append(("model.layers.0.mlp.router_bias", "F32", (8,)))  # a second dtype, to test the ordering
     dtypes = {"BF16": torch.bfloat16, "F32": torch.float32}
-    data = save({name: torch.zeros(shape, dtype=dtypes[dtype]) for name, dtype, shape in tiny},
-                metadata={"format": "pt"})
+    data = save(
+        {name: torch.zeros(shape, dtype=dtypes[dtype]) for name, dtype, shape in tiny}, metadata={"format": "pt"}
+    )
     real = 8 + struct.unpack("<Q", data[:8])[0]
     mine = header_bytes(tiny)
     if real != mine:
@@ -190,8 +203,9 @@ def check_against_safetensors() -> str:
 def check_against_benchmark_file() -> str | None:
     from checkpoint import LAYERS, pick_hidden
 
-    path = (Path(__file__).resolve().parent / "out" / "data"
-            / f"llama-like-h{pick_hidden(1.0)}-l{LAYERS}-bf16.safetensors")
+    path = (
+        Path(__file__).resolve().parent / "out" / "data" / f"llama-like-h{pick_hidden(1.0)}-l{LAYERS}-bf16.safetensors"
+    )
     if not path.exists():
         return None
     with open(path, "rb") as f:
@@ -202,6 +216,7 @@ def check_against_benchmark_file() -> str | None:
 
 
 # --- report ---------------------------------------------------------------------------------------------
+
 
 def main() -> int:
     print(check_against_safetensors())

@@ -119,13 +119,19 @@ def serve(root: Path, prefix: Path) -> Iterator[Nginx]:
     for _ in range(5):  # the free port can be taken between probing and binding: retry
         port = free_port()
         conf = prefix / "nginx.conf"
-        conf.write_text(CONF.format(
-            # As root, workers would otherwise drop to "nobody"; root keeps them able to read any path.
-            user="user root;" if os.geteuid() == 0 else "",
-            prefix=prefix, port=port, root=root, log_format=LOG_FORMAT,
-        ))
-        process = subprocess.Popen([NGINX, "-p", str(prefix), "-c", str(conf)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        conf.write_text(
+            CONF.format(
+                # As root, workers would otherwise drop to "nobody"; root keeps them able to read any path.
+                user="user root;" if os.geteuid() == 0 else "",
+                prefix=prefix,
+                port=port,
+                root=root,
+                log_format=LOG_FORMAT,
+            )
+        )
+        process = subprocess.Popen(
+            [NGINX, "-p", str(prefix), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         server = Nginx(root, prefix, port, process)
         try:
             if _wait_ready(server):

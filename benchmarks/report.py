@@ -18,8 +18,10 @@ def loadavg() -> str:
 
 
 def machine_info() -> dict[str, str]:
-    cpu = next((line.split(":", 1)[1].strip() for line in _lines("/proc/cpuinfo")
-                if line.startswith("model name")), platform.processor() or "?")
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in _lines("/proc/cpuinfo") if line.startswith("model name")),
+        platform.processor() or "?",
+    )
     mem_kib = next((int(line.split()[1]) for line in _lines("/proc/meminfo") if line.startswith("MemTotal")), 0)
     thp = next(iter(_lines("/sys/kernel/mm/transparent_hugepage/enabled")), "?")
     return {
@@ -56,17 +58,25 @@ def summarize(results: list[Any], header: Any, expected: dict[str, int]) -> list
         ok = [r for r in result.runs if r.ok]
         needed = expected["bytes"] if c.partial else header.file_bytes
         row: dict[str, Any] = {
-            "key": c.key, "label": c.label, "runs": len(result.runs), "ok_runs": len(ok),
-            "check": result.check, "check_ok": result.check_ok,
+            "key": c.key,
+            "label": c.label,
+            "runs": len(result.runs),
+            "ok_runs": len(ok),
+            "check": result.check,
+            "check_ok": result.check_ok,
             "needed_bytes": None if c.key == "start" else needed,
             "failures": [r.output for r in result.runs if not r.ok],
         }
         if ok:
             walls = [r.wall_s for r in ok]
             row.update(
-                median_s=statistics.median(walls), min_s=min(walls), max_s=max(walls), walls=walls,
+                median_s=statistics.median(walls),
+                min_s=min(walls),
+                max_s=max(walls),
+                walls=walls,
                 rss_mib=statistics.median(r.rss_mib for r in ok),
-                requests=[r.traffic.requests for r in ok], bytes=[r.traffic.bytes for r in ok],
+                requests=[r.traffic.requests for r in ok],
+                bytes=[r.traffic.bytes for r in ok],
                 statuses=sorted({s for r in ok for s in r.traffic.statuses}),
                 ranges=list(ok[0].traffic.ranges),
             )
@@ -95,8 +105,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
-        check = "ok" if r["check_ok"] and r["check"].startswith("verified") else (
-            "—" if r["check_ok"] else "**FAILED**")
+        check = (
+            "ok" if r["check_ok"] and r["check"].startswith("verified") else ("—" if r["check_ok"] else "**FAILED**")
+        )
         if "median_s" not in r:
             out.append(f"| {r['label']} | **FAILED** ({r['runs']} of {r['runs']} runs) | | | | | | | | {check} |")
             continue
@@ -127,13 +138,17 @@ def targets(rows: list[dict[str, Any]], expected: dict[str, int], header: Any) -
                 if key == "stream_st":
                     ok = row["median_s"] / floor <= TARGET_VS_FLOOR
                     verdict = f" (target ≤ {TARGET_VS_FLOOR:.2f}: {'met' if ok else 'NOT met'})"
-                lines.append(f"- {key} ÷ floor = {row['median_s']:.2f} / {floor:.2f} = "
-                             f"**{row['median_s'] / floor:.2f}×**{verdict}")
+                lines.append(
+                    f"- {key} ÷ floor = {row['median_s']:.2f} / {floor:.2f} = "
+                    f"**{row['median_s'] / floor:.2f}×**{verdict}"
+                )
     if ours and sst:
         ratio = ours["median_s"] / sst["median_s"]
         ok = ratio <= TARGET_VS_SST
-        lines.append(f"- stream_st ÷ safetensors_streaming = {ours['median_s']:.2f} / {sst['median_s']:.2f} = "
-                     f"**{ratio:.2f}×** (target ≤ {TARGET_VS_SST}: {'met' if ok else 'NOT met'})")
+        lines.append(
+            f"- stream_st ÷ safetensors_streaming = {ours['median_s']:.2f} / {sst['median_s']:.2f} = "
+            f"**{ratio:.2f}×** (target ≤ {TARGET_VS_SST}: {'met' if ok else 'NOT met'})"
+        )
     elif ours:
         lines.append("- stream_st ÷ safetensors_streaming: not computed (safetensors_streaming had no successful run)")
     partial = _get(rows, "partial")
@@ -152,8 +167,16 @@ def targets(rows: list[dict[str, Any]], expected: dict[str, int], header: Any) -
     return lines
 
 
-def markdown(rows: list[dict[str, Any]], results: list[Any], header: Any, expected: dict[str, int],
-             machine: dict[str, str], versions: dict[str, Any], args: Any, local: Path) -> str:
+def markdown(
+    rows: list[dict[str, Any]],
+    results: list[Any],
+    header: Any,
+    expected: dict[str, int],
+    machine: dict[str, str],
+    versions: dict[str, Any],
+    args: Any,
+    local: Path,
+) -> str:
     parts = [
         "# stream_st HTTP load benchmark",
         "",
@@ -179,8 +202,11 @@ def markdown(rows: list[dict[str, Any]], results: list[Any], header: Any, expect
     parts += ["## Machine and versions", ""]
     parts += [f"- {k}: {v}" for k, v in machine.items()]
     parts += [f"- {k}: {v}" for k, v in versions.items()]
-    parts += ["", f"Command: `.venv/bin/python benchmarks/run.py --size-gib {args.size_gib} "
-              f"--repeats {args.repeats}`", ""]
+    parts += [
+        "",
+        f"Command: `.venv/bin/python benchmarks/run.py --size-gib {args.size_gib} --repeats {args.repeats}`",
+        "",
+    ]
     return "\n".join(parts)
 
 
@@ -200,8 +226,9 @@ def _problems(rows: list[dict[str, Any]]) -> list[str]:
         if not r["check_ok"]:
             lines.append(f"- {r['key']}: check run failed:\n\n```\n{r['check']}\n```")
         for failure in r["failures"][:1]:
-            lines.append(f"- {r['key']}: {len(r['failures'])} of {r['runs']} timed runs failed; first:\n\n"
-                         f"```\n{failure}\n```")
+            lines.append(
+                f"- {r['key']}: {len(r['failures'])} of {r['runs']} timed runs failed; first:\n\n```\n{failure}\n```"
+            )
         bad = [s for s in r.get("statuses", []) if s not in ("200", "206")]
         if bad:
             lines.append(f"- {r['key']}: nginx answered with status(es) {', '.join(bad)}")
@@ -228,8 +255,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     if curl and start:
         floor = curl["median_s"] + start["median_s"]
         ax.axvline(floor, color="black", linestyle="--", label=f"start + curl = {floor:.2f} s")
-        ax.axvline(floor * TARGET_VS_FLOOR, color="tab:red", linestyle=":",
-                   label=f"target {TARGET_VS_FLOOR:.2f}× = {floor * TARGET_VS_FLOOR:.2f} s")
+        ax.axvline(
+            floor * TARGET_VS_FLOOR,
+            color="tab:red",
+            linestyle=":",
+            label=f"target {TARGET_VS_FLOOR:.2f}× = {floor * TARGET_VS_FLOOR:.2f} s",
+        )
         ax.legend(loc="lower right")
     for y, (m, r) in enumerate(zip(medians, done)):
         ax.text(r["max_s"], y, f"  {m:.2f}", va="center")  # right of the error bar, not on it

@@ -69,18 +69,26 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size-gib", type=float, default=1.0, help="checkpoint size to generate (default 1.0)")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds; the median is reported (default 5)")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out",
-                   help="output and cache folder (default benchmarks/out)")
-    p.add_argument("--only", nargs="+", choices=[c.key for c in CONTENDERS],
-                   help="run only these contenders (default: all)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parent / "out",
+        help="output and cache folder (default benchmarks/out)",
+    )
+    p.add_argument(
+        "--only", nargs="+", choices=[c.key for c in CONTENDERS], help="run only these contenders (default: all)"
+    )
     return p.parse_args()
 
 
 def child_env() -> dict[str, str]:
     """The environment of every contender: the repo's stream_st importable, defaults, loopback only."""
-    env = {k: v for k, v in os.environ.items()
-           # A proxy would send loopback traffic elsewhere; STREAM_ST_* would change the defaults measured.
-           if not k.lower().endswith("_proxy") and not k.startswith("STREAM_ST_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        # A proxy would send loopback traffic elsewhere; STREAM_ST_* would change the defaults measured.
+        if not k.lower().endswith("_proxy") and not k.startswith("STREAM_ST_")
+    }
     env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return env
@@ -97,8 +105,9 @@ def run_once(argv: list[str], env: dict[str, str], server: Nginx) -> Run:
             argv = [GNU_TIME, "-f", "%M", "-o", rss_file.name, *argv]
         started = time.perf_counter()
         # Its own process group, so a hung run is killed with everything it started (GNU time included).
-        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True
+        )
         watchdog = threading.Timer(RUN_TIMEOUT_S, os.killpg, (process.pid, signal.SIGKILL))
         watchdog.start()
         _, status, usage = os.wait4(process.pid, 0)  # same timing as subprocess.run, plus rusage
@@ -125,12 +134,14 @@ def check(result: Result, url: str, local: Path, env: dict[str, str], server: Ng
         result.check = run.output.splitlines()[-1] if run.output else "ok"
     else:
         result.check = "not checked (no tensors)"
-    print(f"  check {c.key:22s} {'ok ' if result.check_ok else 'ERR'} {run.wall_s:6.2f}s  "
-          f"{result.check.splitlines()[0][:100]}", flush=True)
+    print(
+        f"  check {c.key:22s} {'ok ' if result.check_ok else 'ERR'} {run.wall_s:6.2f}s  "
+        f"{result.check.splitlines()[0][:100]}",
+        flush=True,
+    )
 
 
-def measure(results: list[Result], url: str, local: Path, env: dict[str, str], server: Nginx,
-            repeats: int) -> None:
+def measure(results: list[Result], url: str, local: Path, env: dict[str, str], server: Nginx, repeats: int) -> None:
     for r in range(repeats):
         k = r % len(results)
         for result in results[k:] + results[:k]:  # rotate who goes first
@@ -138,8 +149,11 @@ def measure(results: list[Result], url: str, local: Path, env: dict[str, str], s
             run = run_once(c.argv(url, str(local)), env, server)
             result.runs.append(run)
             note = "" if run.ok else f"  FAILED exit {run.rc}: {run.output.splitlines()[-1] if run.output else ''}"
-            print(f"  round {r + 1}/{repeats} {c.key:22s} {run.wall_s:6.2f}s  {run.rss_mib:7.0f} MiB  "
-                  f"{run.traffic.requests:3d} req  {run.traffic.bytes / 1e6:9.1f} MB{note}", flush=True)
+            print(
+                f"  round {r + 1}/{repeats} {c.key:22s} {run.wall_s:6.2f}s  {run.rss_mib:7.0f} MiB  "
+                f"{run.traffic.requests:3d} req  {run.traffic.bytes / 1e6:9.1f} MB{note}",
+                flush=True,
+            )
 
 
 def probe(env: dict[str, str]) -> dict[str, Any]:
@@ -177,15 +191,21 @@ def main() -> int:
     header = read_header(local)
     env = child_env()
     versions = probe(env)
-    print(f"checkpoint {local.name}: {header.file_bytes / (1 << 30):.3f} GiB, {len(header.spans)} tensors, "
-          f"header {header.header_bytes} B", flush=True)
+    print(
+        f"checkpoint {local.name}: {header.file_bytes / (1 << 30):.3f} GiB, {len(header.spans)} tensors, "
+        f"header {header.header_bytes} B",
+        flush=True,
+    )
     print("versions:", json.dumps(versions), flush=True)
 
     chosen = [c for c in CONTENDERS if not args.only or c.key in args.only]
     results = [Result(c) for c in chosen]
     machine = report.machine_info()
-    machine["peak RSS from"] = ("GNU time %M of each child" if GNU_TIME else
-                                "wait4 ru_maxrss (an upper bound: at least this script's RSS at fork)")
+    machine["peak RSS from"] = (
+        "GNU time %M of each child"
+        if GNU_TIME
+        else "wait4 ru_maxrss (an upper bound: at least this script's RSS at fork)"
+    )
     with serve(root=local.parent, prefix=out / "nginx") as server:
         url = server.url(local)
         print(f"nginx on {url}", flush=True)
@@ -224,8 +244,9 @@ def expected_partial(header: HeaderInfo, versions: dict[str, Any]) -> dict[str, 
     }
 
 
-def raw(results: list[Result], summary: list[dict[str, object]], machine: dict[str, str],
-        versions: dict[str, object]) -> dict[str, object]:
+def raw(
+    results: list[Result], summary: list[dict[str, object]], machine: dict[str, str], versions: dict[str, object]
+) -> dict[str, object]:
     return {
         "machine": machine,
         "versions": versions,

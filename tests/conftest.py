@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from checkpoints import all_dtypes_state, layered_state, tiny_state, write, write_sharded
 from servers import Nginx, RangeServer
 

@@ -139,7 +139,6 @@ class RangeServer:
         self._record(request, 206, len(body))
         return web.Response(status=206, body=body, headers=headers, content_type="application/octet-stream")
 
-
     async def _broken(
         self, request: web.Request, quirks: Quirks, headers: dict[str, str], body: bytes
     ) -> web.StreamResponse:

@@ -11,11 +11,11 @@ import fsspec
 import pytest
 import safetensors.torch
 import torch
-from checkpoints import assert_same, assert_tensor_same, layered_state, write
-from servers import RangeServer
 from torch import nn
 
 import stream_st as sst
+from checkpoints import assert_same, assert_tensor_same, layered_state, write
+from servers import RangeServer
 
 
 def reference(root: Path, name: str) -> dict[str, torch.Tensor]:

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from checkpoints import assert_same
-from servers import RangeServer
 
 import stream_st as sst
+from checkpoints import assert_same
+from servers import RangeServer
 
 PREFETCH = 4096
 TARGETS = {

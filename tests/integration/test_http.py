@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from checkpoints import assert_same, assert_tensor_same
-from servers import Nginx, RangeServer
 
 import stream_st as sst
+from checkpoints import assert_same, assert_tensor_same
+from servers import Nginx, RangeServer
 from stream_st.config import Config
 from stream_st.header import LENGTH_PREFIX
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from checkpoints import assert_same, assert_tensor_same, layered_state
-from servers import RangeServer
 
 import stream_st as sst
+from checkpoints import assert_same, assert_tensor_same, layered_state
+from servers import RangeServer
 
 INDEX = "sharded/model.safetensors.index.json"
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import write
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from checkpoints import write
 from stream_st.errors import HeaderError
 from stream_st.header import declared_header_size, parse_header
 
