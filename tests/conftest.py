@@ -94,3 +94,22 @@ def s3(root: Path) -> Iterator[object]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs(root: Path) -> Iterator[object]:
+    """gcp-storage-emulator on 127.0.0.1 (or STREAM_ST_TEST_GCS_ENDPOINT) with the test checkpoints."""
+    from gcs_server import ENDPOINT_ENV, GcsEmulator, find_emulator
+
+    if not os.environ.get(ENDPOINT_ENV) and find_emulator() is None:
+        if _require("gcs"):
+            pytest.fail("GCS tests are required (STREAM_ST_REQUIRE_GCS=1) but gcp-storage-emulator is not installed")
+        pytest.skip("gcp-storage-emulator is not installed")
+    emulator = GcsEmulator().start()
+    try:
+        emulator.make_bucket("stream-st-test")
+        for path in [*root.glob("*.safetensors"), *(root / "sharded").iterdir()]:
+            emulator.upload("stream-st-test", f"checkpoints/{path.relative_to(root)}", path.read_bytes())
+        yield emulator
+    finally:
+        emulator.stop()
