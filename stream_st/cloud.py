@@ -92,12 +92,29 @@ def _gcs(url: str, fs: Any, path: str, pool: ConnectionPool) -> SignedSource:
 
 
 def _hub(url: str, fs: Any, path: str, pool: ConnectionPool) -> SignedSource:
+    from huggingface_hub import hf_hub_url
     from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
 
-    def sign() -> Endpoint:
-        return Endpoint(fs.url(path), build_hf_headers(token=fs.token, library_name="stream_st"))
-
-    return HubSource(redact(url), sign, pool)
+    # resolve_path checks that repo and revision exist (FileNotFoundError otherwise); HfFileSystem.url()
+    # would also list the folder to tell files from folders, a request we do not need.
+    try:
+        resolved = fs.resolve_path(path)
+    except FileNotFoundError as exc:  # missing repo or revision: say which URL
+        raise FileNotFoundError(f"{redact(url)}: {exc}") from None
+    except Exception as exc:  # huggingface_hub's HTTP errors: a refused token is a PermissionError
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if status in (401, 403):
+            raise PermissionError(f"{redact(url)}: access denied (HTTP {status}); check the token") from None
+        raise
+    target = hf_hub_url(
+        resolved.repo_id,
+        resolved.path_in_repo,
+        repo_type=resolved.repo_type,
+        revision=resolved.revision,
+        endpoint=fs.endpoint,
+    )
+    headers = build_hf_headers(token=fs.token, library_name="stream_st")
+    return HubSource(redact(url), lambda: Endpoint(target, headers), pool)
 
 
 _BUILDERS: Mapping[str, Callable[[str, Any, str, ConnectionPool], SignedSource]] = {

@@ -28,6 +28,7 @@ _CONTENT_RANGE_UNSATISFIED = re.compile(r"bytes \*/(\d+)")
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+_CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
 _HUB_NOT_FOUND = frozenset({"RepoNotFound", "RevisionNotFound", "EntryNotFound"})
 
 
@@ -185,7 +186,7 @@ def open_range(
             _drop(conn, response)  # a redirect's body is of no use
             if urlsplit(location).netloc != parts.netloc:
                 # Credentials are for the origin; a CDN or presigned target must not receive them.
-                headers.pop("Authorization", None)
+                headers = {k: v for k, v in headers.items() if k.lower() not in _CREDENTIAL_HEADERS}
             url = location
             continue
         try:

@@ -113,3 +113,20 @@ def gcs(root: Path) -> Iterator[object]:
         yield emulator
     finally:
         emulator.stop()
+
+
+@pytest.fixture(scope="session")
+def hub(root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A Hub-compatible endpoint (and its CDN) on 127.0.0.1 serving the test checkpoints as repos."""
+    from hub_server import HubServer
+
+    server = HubServer(tmp_path_factory.mktemp("hub"), redirect="lfs")
+    try:
+        server.commit("org/dtypes", {"model.safetensors": root / "dtypes.safetensors"})
+        server.commit("org/layered", {"model.safetensors": root / "layered.safetensors"})
+        server.commit("org/layered", {"small.safetensors": root / "small.safetensors"}, lfs=False)
+        server.commit("org/sharded", {p.name: p for p in (root / "sharded").iterdir()})
+        server.commit("org/data", {"weights/tiny.safetensors": root / "tiny.safetensors"}, repo_type="dataset")
+        yield server
+    finally:
+        server.stop()
