@@ -127,6 +127,8 @@ async def open_checkpoint(url: str, engine: Engine, storage_options: Mapping[str
     if path.endswith(SUFFIX):
         return Checkpoint(url, engine, options, [url])
     base = url.rstrip("/")
+    if urlsplit(base).scheme in ("http", "https"):
+        return await _guess_http_folder(base, engine, options)
     names = await engine.run(_list_folder, base, options)
     if INDEX_NAME in names:
         return await _from_index(f"{base}/{INDEX_NAME}", engine, options)
@@ -134,6 +136,15 @@ async def open_checkpoint(url: str, engine: Engine, storage_options: Mapping[str
     if not shards:
         raise FileNotFoundError(f"{redact(url)}: no {INDEX_NAME} and no *{SUFFIX} files there")
     return Checkpoint(redact(base), engine, options, shards)
+
+
+async def _guess_http_folder(base: str, engine: Engine, options: dict[str, Any]) -> Checkpoint:
+    """A plain HTTP server cannot list a folder: try the transformers names, the index first."""
+    try:
+        return await _from_index(f"{base}/{INDEX_NAME}", engine, options)
+    except FileNotFoundError:
+        single = f"{base}/model{SUFFIX}"
+        return Checkpoint(single, engine, options, [single])
 
 
 async def _from_index(url: str, engine: Engine, options: dict[str, Any]) -> Checkpoint:
