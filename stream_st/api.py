@@ -15,6 +15,7 @@ from ._loop import run_sync
 from .config import Config, resolve
 from .fetch import Engine, Stats
 from .header import Header
+from .integrity import VerifyOption, parse_digest
 from .progress import ProgressOption, make_progress
 from .remote import RemoteFile
 from .select import Selection
@@ -74,10 +75,12 @@ async def open_files(
 
 
 async def _load_located(
-    located: Mapping[RemoteFile, list[str]], device: Device, dtype: torch.dtype | None
+    located: Mapping[RemoteFile, list[str]], device: Device, dtype: torch.dtype | None, verify: VerifyOption = None
 ) -> dict[str, torch.Tensor]:
     """Fetch every group concurrently (one engine), return tensors shard by shard in file order."""
-    loads = await asyncio.gather(*(file.load((name, None) for name in names) for file, names in located.items()))
+    loads = await asyncio.gather(
+        *(file.load(((name, None) for name in names), verify) for file, names in located.items())
+    )
     return {
         name: finish(hosts.pop(name), device, dtype)
         for (names, hosts) in zip(located.values(), loads)
@@ -99,6 +102,17 @@ def reporting(
         if engine.progress is not None:
             engine.progress.close()
             engine.progress = None
+
+
+def check_verify(checkpoint: Checkpoint, verify: VerifyOption) -> None:
+    """Reject a malformed digest, or one digest for many files, before anything is downloaded."""
+    if isinstance(verify, str) and verify != "strict":
+        parse_digest(verify)
+        if checkpoint.sharded:
+            raise ValueError(
+                f"{checkpoint.url}: verify={verify!r} is one digest, but the checkpoint has {len(checkpoint.shards)} "
+                "files; use verify=True (each file's published digest or sidecar)"
+            )
 
 
 async def _with_deadline(config: Config, url: str, coro: Any) -> Any:
@@ -151,6 +165,7 @@ async def load_file_async(
     config: Config | None = None,
     progress: ProgressOption = None,
     stats: Stats | None = None,
+    verify: VerifyOption = None,
     **options: Any,
 ) -> dict[str, torch.Tensor]:
     """Load the tensors of a safetensors checkpoint at ``url``, fetching only the bytes needed.
@@ -168,6 +183,12 @@ async def load_file_async(
             always, False never; a callable is called as ``callback(bytes_done, bytes_total)`` (from worker
             threads, at most ten times a second and once at the end).
         stats: a [`Stats`] that receives this load's requests, bytes received and retries.
+        verify: check the bytes before returning them. ``True``: a whole file against the digest its store
+            publishes (the Hub's LFS sha256, S3's full-object ChecksumSHA256/CRC32, GCS's md5Hash) or a
+            ``<file>.sha256.json`` sidecar, hashed in order while later parts download; a partial load
+            against the sidecar's per-tensor digests, or with an ``IntegrityWarning`` if there is none.
+            ``"strict"``: the same, but an unverifiable load raises. ``"sha256:<hex>"``: the caller's digest
+            of the (single) file. A mismatch raises ``IntegrityError`` and returns no tensors.
 
     Returns:
         ``dict[name, Tensor]`` in file order, equal bit for bit to ``safetensors.torch.load_file``.
@@ -185,9 +206,10 @@ async def load_file_async(
 
     async def load() -> dict[str, torch.Tensor]:
         async with open_files(url, cfg, storage_options, stats) as checkpoint:
+            check_verify(checkpoint, verify)
             located = await checkpoint.locate(tensors)
             with reporting(checkpoint, located, progress):
-                return await _load_located(located, device, dtype)
+                return await _load_located(located, device, dtype, verify)
 
     return await _with_deadline(cfg, url, load())  # type: ignore[no-any-return]
 
@@ -202,6 +224,7 @@ def load_file(
     config: Config | None = None,
     progress: ProgressOption = None,
     stats: Stats | None = None,
+    verify: VerifyOption = None,
     **options: Any,
 ) -> dict[str, torch.Tensor]:
     """Sync twin of [`load_file_async`]: ``load_file(url, device="cpu", *, tensors=None, dtype=None, ...)``."""
@@ -215,6 +238,7 @@ def load_file(
             config=config,
             progress=progress,
             stats=stats,
+            verify=verify,
             **options,
         )
     )
@@ -230,6 +254,7 @@ async def iter_tensors_async(
     config: Config | None = None,
     progress: ProgressOption = None,
     stats: Stats | None = None,
+    verify: VerifyOption = None,
     **options: Any,
 ) -> AsyncGenerator[tuple[str, torch.Tensor], None]:
     """Yield ``(name, tensor)`` in file order while later tensors download, with bounded memory.
@@ -240,17 +265,20 @@ async def iter_tensors_async(
     """
     cfg = resolve(config, options)
     async with open_files(url, cfg, storage_options, stats) as checkpoint, contextlib.AsyncExitStack() as stack:
+        check_verify(checkpoint, verify)
         located = await checkpoint.locate(tensors)
         stack.enter_context(reporting(checkpoint, located, progress))
         batches = _batches(located, cfg.max_inflight_bytes)
         ahead: asyncio.Task[dict[str, torch.Tensor]] | None = None
         try:
             for index, batch in enumerate(batches):
-                current = ahead if ahead is not None else asyncio.ensure_future(_load_located(batch, device, dtype))
+                current = (
+                    ahead if ahead is not None else asyncio.ensure_future(_load_located(batch, device, dtype, verify))
+                )
                 loaded = await current
                 ahead = None
                 if index + 1 < len(batches):
-                    ahead = asyncio.ensure_future(_load_located(batches[index + 1], device, dtype))
+                    ahead = asyncio.ensure_future(_load_located(batches[index + 1], device, dtype, verify))
                 for name in list(loaded):
                     yield name, loaded.pop(name)
         finally:
@@ -285,6 +313,7 @@ def iter_tensors(
     config: Config | None = None,
     progress: ProgressOption = None,
     stats: Stats | None = None,
+    verify: VerifyOption = None,
     **options: Any,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Sync twin of [`iter_tensors_async`]; closing the iterator early cancels what is in flight."""
@@ -321,6 +350,7 @@ async def load_model_async(
     config: Config | None = None,
     progress: ProgressOption = None,
     stats: Stats | None = None,
+    verify: VerifyOption = None,
     **options: Any,
 ) -> tuple[list[str], list[str]]:
     """Load a checkpoint into ``model`` like ``safetensors.torch.load_model``, fetching only its tensors.
@@ -344,9 +374,10 @@ async def load_model_async(
     async def load() -> tuple[list[str], list[str]]:
         async with open_files(url, cfg, storage_options, stats) as checkpoint:
             in_file = await checkpoint.names()
+            check_verify(checkpoint, verify)
             located = await checkpoint.locate(lambda name: name in model_keys)
             with reporting(checkpoint, located, progress):
-                state = await _load_located(located, device, dtype)
+                state = await _load_located(located, device, dtype, verify)
         result = model.load_state_dict(state, strict=False, assign=assign)
         missing = set(result.missing_keys)
         unexpected = [name for name in in_file if name not in model_keys]
@@ -385,6 +416,7 @@ def load_model(
     config: Config | None = None,
     progress: ProgressOption = None,
     stats: Stats | None = None,
+    verify: VerifyOption = None,
     **options: Any,
 ) -> tuple[list[str], list[str]]:
     """Sync twin of [`load_model_async`]."""
@@ -400,6 +432,7 @@ def load_model(
             config=config,
             progress=progress,
             stats=stats,
+            verify=verify,
             **options,
         )
     )

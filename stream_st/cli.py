@@ -26,6 +26,10 @@ EXAMPLES = {
         "  stream-st load s3://bucket/model/ --device cuda"
     ),
     "bench": "stream-st bench https://host/model.safetensors",
+    "digest": (
+        "stream-st digest s3://bucket/model/ --output-dir sidecars/\n"
+        "  aws s3 cp sidecars/ s3://bucket/model/ --recursive    # next to the files they describe"
+    ),
     "demo": "stream-st demo",
 }
 _DTYPES = {"f16": "float16", "fp16": "float16", "bf16": "bfloat16", "f32": "float32", "fp32": "float32"}
@@ -214,6 +218,45 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _digest(url: str, storage_options: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """Stream each file of the checkpoint once; return (file URL, sidecar JSON) pairs."""
+    import hashlib
+
+    from .api import open_files
+    from .config import Config
+    from .integrity import Sidecar
+    from .sinks import writable_view
+
+    sidecars = []
+    async with open_files(url, Config.from_env(), storage_options) as checkpoint:
+        for file in await checkpoint.files(checkpoint.shards):
+            hosts = await file.load((name, None) for name in file.header.offset_keys())
+            whole = hashlib.sha256(file.header_bytes())
+            tensors = {}
+            for name in file.header.offset_keys():
+                view = writable_view(hosts.pop(name).buffer)
+                whole.update(view)
+                tensors[name] = hashlib.sha256(view).hexdigest()
+            sidecar = Sidecar(whole.hexdigest(), file.header.file_size, tensors)
+            sidecars.append((file.url, sidecar.dumps()))
+    return sidecars
+
+
+def cmd_digest(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .integrity import SIDECAR_SUFFIX
+
+    sidecars = asyncio.run(_digest(args.url, _storage_options(args)))
+    folder = Path(args.output_dir)
+    for url, text in sidecars:
+        target = folder / (url.rsplit("/", 1)[-1] + SIDECAR_SUFFIX)
+        target.write_text(text)
+        print(f"{target}  (sha256 {json.loads(text)['sha256']} of {url})")
+    print(f"put each sidecar next to its file (<file>{SIDECAR_SUFFIX}) to make loads of it verifiable")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import safetensors.torch
     import torch
@@ -264,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--dtype", help="cast floating tensors: f16, bf16, f32")
     load.add_argument("--no-progress", action="store_true", help="no progress bar")
     load.set_defaults(run=cmd_load)
+    digest = command("digest", "write <file>.sha256.json: the sha256 of each file and of each tensor")
+    digest.add_argument("--output-dir", default=".", help="where to write the sidecars (default: here)")
+    digest.set_defaults(run=cmd_digest)
     bench = command("bench", "stream_st against a raw ranged-GET read of the same bytes, as a ratio")
     bench.add_argument("--repeats", type=int, default=3)
     bench.set_defaults(run=cmd_bench)

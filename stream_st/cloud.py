@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .integrity import Digest, from_base64
 from .sources import HttpSource
 from .transport import ConnectionPool, Endpoint, RangeStream, redact
 
@@ -29,8 +30,10 @@ class SignedSource(HttpSource):
 
     resign_after: float | None = _RESIGN_AFTER_S
 
-    def __init__(self, name: str, sign: Signer, pool: ConnectionPool) -> None:
-        self._sign = sign
+    def __init__(
+        self, name: str, sign: Signer, pool: ConnectionPool, digest: Callable[[], Digest | None] | None = None
+    ) -> None:
+        self._sign, self._digest = sign, digest
         self._signed_at = time.monotonic()
         first = sign()
         super().__init__(first.url, pool, first.headers, name=name)
@@ -38,6 +41,9 @@ class SignedSource(HttpSource):
     def pinned(self, url: str) -> str:
         """``url`` made to address the version the header read saw (default: unchanged)."""
         return url
+
+    def published_digest(self) -> Digest | None:
+        return self._digest() if self._digest is not None else None
 
     def after_probe(self, header: Callable[[str], str | None]) -> None:
         self.endpoint = Endpoint(self.pinned(self.endpoint.url), self.endpoint.headers, self.endpoint.name)
@@ -78,8 +84,22 @@ class HubSource(SignedSource):
 
 
 def _s3(url: str, fs: Any, path: str, pool: ConnectionPool) -> SignedSource:
+    def digest() -> Digest | None:
+        # A full-object checksum, stored when the object was uploaded with one; multipart uploads have
+        # composite checksums ("...-N"), which are not a digest of the bytes.
+        bucket, key, version = fs.split_path(path)
+        extra = {"VersionId": version} if version else {}
+        head = fs.call_s3("head_object", Bucket=bucket, Key=key, ChecksumMode="ENABLED", **extra)
+        if head.get("ChecksumType", "FULL_OBJECT") != "FULL_OBJECT":
+            return None
+        for field, algorithm in (("ChecksumSHA256", "sha256"), ("ChecksumCRC32", "crc32")):
+            value = head.get(field)
+            if value and "-" not in value:
+                return from_base64(algorithm, value, f"S3's {field} of {redact(url)}")
+        return None
+
     # A presigned GET made by s3fs's own botocore client: its credentials, endpoint and region.
-    return SignedSource(redact(url), lambda: Endpoint(fs.url(path, expires=_PRESIGN_EXPIRES_S), {}), pool)
+    return SignedSource(redact(url), lambda: Endpoint(fs.url(path, expires=_PRESIGN_EXPIRES_S), {}), pool, digest)
 
 
 def _gcs(url: str, fs: Any, path: str, pool: ConnectionPool) -> SignedSource:
@@ -88,7 +108,11 @@ def _gcs(url: str, fs: Any, path: str, pool: ConnectionPool) -> SignedSource:
         fs.credentials.apply(headers)  # refreshes the token when needed; adds nothing for anonymous access
         return Endpoint(fs.url(path), headers)
 
-    return GcsSource(redact(url), sign, pool)
+    def digest() -> Digest | None:
+        md5 = fs.info(path).get("md5Hash")  # composite (parallel-upload) objects have only crc32c
+        return from_base64("md5", md5, f"GCS's md5Hash of {redact(url)}") if md5 else None
+
+    return GcsSource(redact(url), sign, pool, digest)
 
 
 def _hub(url: str, fs: Any, path: str, pool: ConnectionPool) -> SignedSource:
@@ -114,7 +138,13 @@ def _hub(url: str, fs: Any, path: str, pool: ConnectionPool) -> SignedSource:
         endpoint=fs.endpoint,
     )
     headers = build_hf_headers(token=fs.token, library_name="stream_st")
-    return HubSource(redact(url), lambda: Endpoint(target, headers), pool)
+
+    def digest() -> Digest | None:
+        lfs = fs.info(path).get("lfs") or {}
+        sha256 = lfs.get("sha256") or lfs.get("oid")
+        return Digest("sha256", bytes.fromhex(sha256), f"the Hub's LFS sha256 of {redact(url)}") if sha256 else None
+
+    return HubSource(redact(url), lambda: Endpoint(target, headers), pool, digest)
 
 
 _BUILDERS: Mapping[str, Callable[[str, Any, str, ConnectionPool], SignedSource]] = {

@@ -7,6 +7,7 @@ Every error derives from :class:`StreamSTError` and also from the builtin a call
     ├── HeaderError(ValueError)                 the safetensors header breaks a format rule
     ├── TensorNotFoundError(KeyError)           a requested tensor is not in the file
     ├── UnsupportedDtypeError(TypeError)        the format allows the dtype, torch cannot hold it
+    ├── IntegrityError(ValueError)              streamed bytes do not match the published digest
     └── FetchError(OSError)                     bytes could not be fetched as asked
         ├── RangeNotSupportedError              the server ignored or mangled a Range request
         ├── IncompleteReadError                 a body ended before the bytes asked for arrived
@@ -60,6 +61,10 @@ class UnsupportedDtypeError(StreamSTError, TypeError):
     """The file uses a dtype that torch cannot represent."""
 
 
+class IntegrityError(StreamSTError, ValueError):
+    """The streamed bytes do not match the digest they were checked against (or none could be checked)."""
+
+
 class FetchError(StreamSTError, OSError):
     """Bytes could not be fetched from the source as asked."""
 
@@ -74,3 +79,7 @@ class IncompleteReadError(FetchError):
 
 class ObjectChangedError(FetchError):
     """The object was replaced while it was being loaded (its ETag or version changed)."""
+
+
+class IntegrityWarning(UserWarning):
+    """A load asked to be verified could not be (a partial load without per-tensor digests)."""

@@ -89,8 +89,16 @@ class Engine:
         self._executor.shutdown(wait=True)
         self.pool.close()
 
-    async def fetch(self, source: Source, wants: Iterable[Want], destination: Destination) -> None:
-        """Fetch every wanted span of ``source`` into ``destination(key)``, all or nothing."""
+    async def fetch(
+        self,
+        source: Source,
+        wants: Iterable[Want],
+        destination: Destination,
+        landed: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """Fetch every wanted span of ``source`` into ``destination(key)``, all or nothing.
+
+        ``landed(start, end)`` is called from the worker thread as each part has fully arrived."""
         config = self.config
         if source.ranges:
             parts = plan_parts(wants, max_gap=config.max_gap, part_size=config.part_size)
@@ -103,7 +111,7 @@ class Engine:
             for part in parts:
                 while len(pending) >= config.max_concurrency:
                     pending = await _reap(pending, asyncio.FIRST_COMPLETED)
-                work = self._executor.submit(self._fetch_part, source, part, destination, cancelled)
+                work = self._executor.submit(self._fetch_part, source, part, destination, cancelled, landed)
                 pending.add(asyncio.wrap_future(work))
             while pending:
                 pending = await _reap(pending, asyncio.ALL_COMPLETED)
@@ -133,7 +141,14 @@ class Engine:
         self.stats.add(requests=1, nbytes=len(probe.prefix))
         return probe
 
-    def _fetch_part(self, source: Source, part: Part, destination: Destination, cancelled: threading.Event) -> None:
+    def _fetch_part(
+        self,
+        source: Source,
+        part: Part,
+        destination: Destination,
+        cancelled: threading.Event,
+        landed: Callable[[int, int], None] | None,
+    ) -> None:
         """Read one part; a retry asks only for the bytes still missing."""
         reader = _PartReader(part, destination, self._gap_scratch(), cancelled, self.progress)
 
@@ -148,6 +163,8 @@ class Engine:
                 stream.close(reusable=reader.position == part.end)
 
         self._retrying(source, attempt, cancelled, reader.location)
+        if landed is not None:
+            landed(part.start, part.end)
 
     def _retrying(
         self, source: Source, attempt: Callable[[], T], cancelled: threading.Event, locate: Callable[[], Location]

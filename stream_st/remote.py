@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .errors import HeaderError
+from .errors import HeaderError, IntegrityError, IntegrityWarning
 from .fetch import Engine
 from .header import LENGTH_PREFIX, Header, TensorInfo, declared_header_size, parse_header
+from .integrity import SIDECAR_SUFFIX, OrderedHasher, Sidecar, VerifyOption, check_tensors, parse_digest
 from .plan import Want
 from .sinks import HostTensor, host_tensor, row_bytes
 from .sources import Source, open_source
@@ -21,9 +23,18 @@ Rows = tuple[int, int]
 class RemoteFile:
     """A safetensors object whose header has been read and validated; fetches tensors on demand."""
 
-    def __init__(self, source: Source, header: Header, prefix: bytes, engine: Engine) -> None:
+    def __init__(
+        self,
+        source: Source,
+        header: Header,
+        prefix: bytes,
+        engine: Engine,
+        location: str = "",
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
         self.source, self.header, self.engine = source, header, engine
         self._prefix = memoryview(prefix)  # first bytes of the object: header, then possibly tensor data
+        self._location, self._storage_options = location, storage_options  # to find a digest sidecar
 
     @property
     def url(self) -> str:
@@ -45,17 +56,25 @@ class RemoteFile:
         except BaseException:
             source.close()
             raise
-        return cls(source, header, prefix, engine)
+        return cls(source, header, prefix, engine, url, storage_options)
+
+    def header_bytes(self) -> memoryview:
+        """The object's first bytes up to the end of the JSON header."""
+        return self._prefix[: self.header.data_start]
 
     def info(self, name: str) -> TensorInfo:
         return self.header.tensors[name]
 
-    async def load(self, requests: Iterable[tuple[str, Rows | None]]) -> dict[str, HostTensor]:
-        """Fetch tensors (or dim-0 row ranges of them) into newly allocated host tensors, concurrently."""
+    async def load(
+        self, requests: Iterable[tuple[str, Rows | None]], verify: VerifyOption = None
+    ) -> dict[str, HostTensor]:
+        """Fetch tensors (or dim-0 row ranges of them) into newly allocated host tensors, concurrently;
+        with ``verify``, check them against a digest (see ``integrity.py``) before returning them."""
         outputs: dict[str, HostTensor] = {}
         views: dict[str, memoryview] = {}
         wants: list[Want] = []
-        for name, rows in requests:
+        requested = list(requests)
+        for name, rows in requested:
             info = self.header.tensors[name]
             if name in outputs:
                 continue
@@ -64,9 +83,59 @@ class RemoteFile:
             outputs[name] = out
             views[name] = view = out.view()
             wants.extend(self._take_from_prefix(Want(name, start, start + len(view)), view))
-        await self.engine.fetch(self.source, wants, lambda key: views[str(key)])
+        whole = len(outputs) == len(self.header) and not any(rows for _, rows in requested)
+        hasher = await self._whole_file_hasher(verify, views) if verify and whole else None
+        sidecar = await self._sidecar_for_partial(verify) if verify and not whole else None
+        await self.engine.fetch(self.source, wants, lambda key: views[str(key)], hasher.landed if hasher else None)
         self.source.check_unchanged()
+        if hasher is not None:
+            hasher.check()
+        if sidecar is not None:
+            await self.engine.run(check_tensors, self.url, sidecar, views.items())
         return outputs
+
+    async def _whole_file_hasher(self, verify: VerifyOption, views: dict[str, memoryview]) -> OrderedHasher:
+        """A hasher over the whole object: header bytes, then every tensor where it lands."""
+        if isinstance(verify, str) and verify != "strict":
+            expected = parse_digest(verify)
+        else:
+            found = await self.engine.run(self.source.published_digest)
+            if found is None:
+                sidecar = await self._sidecar()
+                found = sidecar.whole(self.url) if sidecar else None
+            if found is None:
+                raise IntegrityError(
+                    f"{self.url}: verify asked, but the source publishes no digest and there is no "
+                    f"{SIDECAR_SUFFIX} sidecar; pass verify='sha256:<hex>' or write one with 'stream-st digest'",
+                    url=self.url,
+                )
+            expected = found
+        segments = [(0, self.header.data_start, self.header_bytes())]
+        segments += [(info.start, info.end, views[info.name]) for info in self.header if info.nbytes]
+        hasher = OrderedHasher(self.url, self.header.file_size, expected, segments)
+        hasher.landed(0, len(self._prefix))  # the header, and tensor bytes copied from the prefix
+        return hasher
+
+    async def _sidecar(self) -> Sidecar | None:
+        location = self._location + SIDECAR_SUFFIX
+        try:
+            raw = await read_whole(location, self.engine, self._storage_options)
+        except FileNotFoundError:
+            return None
+        return Sidecar.parse(raw, location)
+
+    async def _sidecar_for_partial(self, verify: VerifyOption) -> Sidecar | None:
+        """Per-tensor digests for a partial load; without them, warn (verify=True) or fail ("strict")."""
+        sidecar = await self._sidecar()
+        if sidecar is None:
+            message = (
+                f"{self.url}: a partial load cannot be checked against a whole-file digest and there is no "
+                f"{SIDECAR_SUFFIX} sidecar with per-tensor digests ('stream-st digest' writes one)"
+            )
+            if verify == "strict":
+                raise IntegrityError(message + "; not verified", url=self.url)
+            warnings.warn(message + "; loading unverified", IntegrityWarning, stacklevel=2)
+        return sidecar
 
     def _take_from_prefix(self, want: Want, view: memoryview) -> list[Want]:
         """Copy what the header read already fetched; return what is still missing."""

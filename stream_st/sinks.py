@@ -58,4 +58,5 @@ def writable_view(tensor: torch.Tensor) -> memoryview:
     if nbytes == 0:
         return memoryview(bytearray(0))
     array = (ctypes.c_char * nbytes).from_address(tensor.data_ptr())
+    array.owner = tensor  # type: ignore[attr-defined]  # the view keeps the memory it points at alive
     return memoryview(array).cast("B")

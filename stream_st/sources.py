@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 from .errors import IncompleteReadError, ObjectChangedError, RangeNotSupportedError
+from .integrity import Digest
 from .transport import ConnectionPool, Endpoint, RangeStream, open_range, redact
 
 
@@ -53,6 +54,10 @@ class Source(ABC):
     @abstractmethod
     def open_range(self, start: int, end: int) -> ByteStream:
         """Start reading bytes [start, end) of the version seen by ``probe``."""
+
+    def published_digest(self) -> Digest | None:
+        """The digest the store publishes for the whole object, if any (blocking; may cost a request)."""
+        return None
 
     def check_unchanged(self) -> None:  # noqa: B027 - optional hook; most sources check on every request
         """Raise ObjectChangedError if the object is known to have changed since ``probe``."""

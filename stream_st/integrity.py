@@ -1,0 +1,176 @@
+"""Verify streamed bytes against a known digest, hashing in file order while later parts still download.
+
+Where digests come from: the caller (``verify="sha256:<hex>"``), the source (the Hub's LFS sha256, S3's
+full-object ``ChecksumSHA256``, GCS's ``md5Hash``), or a sidecar ``<file>.sha256.json`` written by
+``stream-st digest`` that also holds one sha256 per tensor, which makes partial loads verifiable.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import threading
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .errors import IntegrityError
+
+logger = logging.getLogger(__name__)
+
+SIDECAR_SUFFIX = ".sha256.json"
+VerifyOption = bool | str | None  # None/False: off; True: warn on partial loads; "strict": fail; "sha256:<hex>"
+ALGORITHMS = ("sha256", "md5", "crc32")
+
+
+class Hasher(Protocol):
+    def update(self, data: memoryview) -> None: ...
+
+    def digest(self) -> bytes: ...
+
+
+class _Crc32:
+    def __init__(self) -> None:
+        self._value = 0
+
+    def update(self, data: memoryview) -> None:
+        self._value = zlib.crc32(data, self._value)
+
+    def digest(self) -> bytes:
+        return self._value.to_bytes(4, "big")
+
+
+def new_hasher(algorithm: str) -> Hasher:
+    if algorithm == "crc32":
+        return _Crc32()
+    return hashlib.new(algorithm)
+
+
+@dataclass(frozen=True)
+class Digest:
+    """An expected digest of a whole object: algorithm, raw value, and where it came from."""
+
+    algorithm: str
+    value: bytes
+    origin: str
+
+    def __str__(self) -> str:
+        return f"{self.algorithm}:{self.value.hex()}"
+
+
+def parse_digest(text: str, origin: str = "the caller") -> Digest:
+    """``"sha256:<hex>"`` (or md5 / crc32) into a Digest; a clear ValueError otherwise."""
+    algorithm, _, value = text.partition(":")
+    algorithm = algorithm.lower()
+    if algorithm not in ALGORITHMS or not value:
+        raise ValueError(f"verify={text!r}: expected '<algorithm>:<hex>' with algorithm one of {', '.join(ALGORITHMS)}")
+    try:
+        raw = bytes.fromhex(value)
+    except ValueError:
+        raise ValueError(f"verify={text!r}: the digest is not hexadecimal") from None
+    if len(raw) != new_hasher(algorithm).digest().__len__():
+        raise ValueError(f"verify={text!r}: a {algorithm} digest has {len(new_hasher(algorithm).digest())} bytes")
+    return Digest(algorithm, raw, origin)
+
+
+def from_base64(algorithm: str, value: str, origin: str) -> Digest:
+    """A digest as S3 and GCS publish them (base64)."""
+    try:
+        return Digest(algorithm, base64.b64decode(value, validate=True), origin)
+    except binascii.Error:
+        raise ValueError(f"{origin}: {value!r} is not base64") from None
+
+
+@dataclass
+class OrderedHasher:
+    """Hashes an object's bytes in order as the parts holding them land, in any order, in memory.
+
+    ``segments`` are (start, end, memory) runs that together cover [0, size) once. ``landed(start, end)``
+    is called from worker threads; whichever thread completes the next bytes in order hashes them, under a
+    lock, while the other threads keep downloading: hashing costs only what the hash rate requires.
+    """
+
+    url: str
+    size: int
+    expected: Digest
+    segments: list[tuple[int, int, memoryview]]
+    hasher: Hasher = field(init=False)
+    frontier: int = field(init=False, default=0)
+    _done: list[tuple[int, int]] = field(init=False, default_factory=list)
+    _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
+    _next_segment: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self.hasher = new_hasher(self.expected.algorithm)
+        self.segments.sort(key=lambda s: s[0])
+
+    def landed(self, start: int, end: int) -> None:
+        with self._lock:
+            self._done.append((start, end))
+            self._done.sort()
+            advanced = self.frontier
+            while self._done and self._done[0][0] <= advanced:
+                advanced = max(advanced, self._done.pop(0)[1])
+            self._hash_until(advanced)
+
+    def _hash_until(self, end: int) -> None:
+        while self.frontier < end and self._next_segment < len(self.segments):
+            seg_start, seg_end, memory = self.segments[self._next_segment]
+            stop = min(seg_end, end)
+            self.hasher.update(memory[self.frontier - seg_start : stop - seg_start])
+            self.frontier = stop
+            if stop == seg_end:
+                self._next_segment += 1
+
+    def check(self) -> None:
+        """Raise IntegrityError unless every byte was hashed and the digest matches."""
+        if self.frontier != self.size:
+            raise IntegrityError(f"{self.url}: only {self.frontier} of {self.size} bytes were hashed", url=self.url)
+        got = self.hasher.digest()
+        if got != self.expected.value:
+            raise IntegrityError(
+                f"{self.url}: {self.expected.algorithm} of the streamed bytes is {got.hex()}, but "
+                f"{self.expected.origin} says {self.expected.value.hex()}; no tensors are returned",
+                url=self.url,
+            )
+        logger.debug("%s: %s verified against %s", self.url, self.expected.algorithm, self.expected.origin)
+
+
+@dataclass(frozen=True)
+class Sidecar:
+    """``<file>.sha256.json``: the sha256 of the whole file and of each tensor's bytes."""
+
+    file_sha256: str
+    size: int
+    tensors: dict[str, str]
+
+    @classmethod
+    def parse(cls, raw: bytes, url: str) -> Sidecar:
+        try:
+            document = json.loads(raw)
+            return cls(str(document["sha256"]), int(document["size"]), dict(document["tensors"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise IntegrityError(f"{url}: not a stream-st digest sidecar ({exc})", url=url) from None
+
+    def dumps(self) -> str:
+        return json.dumps({"sha256": self.file_sha256, "size": self.size, "tensors": self.tensors}, indent=1)
+
+    def whole(self, url: str) -> Digest:
+        return Digest("sha256", bytes.fromhex(self.file_sha256), f"the sidecar {url}{SIDECAR_SUFFIX}")
+
+
+def check_tensors(url: str, sidecar: Sidecar, views: Iterable[tuple[str, memoryview]]) -> None:
+    """Compare each tensor's bytes with its sha256 in the sidecar."""
+    for name, view in views:
+        expected = sidecar.tensors.get(name)
+        if expected is None:
+            raise IntegrityError(f"{url}: the sidecar has no digest for tensor {name!r}", url=url, tensor=name)
+        got = hashlib.sha256(view).hexdigest()
+        if got != expected:
+            raise IntegrityError(
+                f"{url}: tensor {name!r} has sha256 {got}, but the sidecar says {expected}", url=url, tensor=name
+            )

@@ -1,0 +1,151 @@
+"""verify=: whole files against a caller's digest, a sidecar, or the digest the store publishes (Hub LFS
+sha256, S3 ChecksumSHA256, GCS md5Hash); partial loads against per-tensor sidecar digests; one flipped
+byte on the server raises IntegrityError and returns nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import safetensors.torch
+
+import stream_st as sst
+from checkpoints import assert_same, layered_state, write
+from servers import RangeServer
+from stream_st.cli import main
+from stream_st.errors import IntegrityError, IntegrityWarning
+
+
+@pytest.fixture()
+def served(tmp_path: Path) -> Any:
+    """A folder of its own (files get corrupted here), served over HTTP."""
+    folder = tmp_path / "served"
+    folder.mkdir()
+    write(folder / "model.safetensors", layered_state())
+    server = RangeServer(folder)
+    yield server, folder
+    server.stop()
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    """Corrupt one byte in a new file put in place (other hard links to the old one stay intact)."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    fresh = path.with_name(path.name + ".tmp")
+    fresh.write_bytes(bytes(data))
+    fresh.chmod(0o644)
+    fresh.replace(path)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_caller_digest(served: Any) -> None:
+    server, folder = served
+    path = folder / "model.safetensors"
+    url = server.url("model.safetensors")
+    good = f"sha256:{sha256(path)}"
+    assert_same(sst.load_file(url, verify=good, part_size=65536), safetensors.torch.load_file(str(path)))
+    lm_head = sst.read_header(str(path)).tensors["lm_head.weight"]
+    flip_byte(path, lm_head.start + 5)
+    with pytest.raises(IntegrityError) as caught:
+        sst.load_file(url, verify=good, part_size=65536)
+    message = str(caught.value)
+    assert url in message and good.split(":")[1] in message and sha256(path) in message
+    with pytest.raises(ValueError, match="expected '<algorithm>:<hex>'"):
+        sst.load_file(url, verify="sha1:abcd")
+
+
+def test_sidecar_verifies_whole_and_partial_loads(served: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    server, folder = served
+    path = folder / "model.safetensors"
+    assert main(["digest", str(path), "--output-dir", str(folder)]) == 0
+    assert (folder / "model.safetensors.sha256.json").exists()
+    url = server.url("model.safetensors")
+    assert_same(sst.load_file(url, verify=True), safetensors.torch.load_file(str(path)))
+    partial = sst.load_file(url, tensors="model.layers.1.*", verify="strict")
+    assert len(partial) == 3
+    header = sst.read_header(str(path))
+    flip_byte(path, header.tensors["model.layers.1.mlp.up_proj.weight"].start + 100)
+    with pytest.raises(IntegrityError, match="tensor 'model.layers.1.mlp.up_proj.weight' has sha256"):
+        sst.load_file(url, tensors="model.layers.1.*", verify=True)
+    assert len(sst.load_file(url, tensors="model.layers.2.*", verify=True)) == 3  # untouched tensors still verify
+    with pytest.raises(IntegrityError, match="sha256 of the streamed bytes is"):
+        sst.load_file(url, verify=True)
+
+
+def test_partial_load_without_sidecar_warns_or_fails(served: Any) -> None:
+    server, _ = served
+    url = server.url("model.safetensors")
+    with pytest.warns(IntegrityWarning, match="a partial load cannot be checked"):
+        sst.load_file(url, tensors="lm_head.weight", verify=True)
+    with pytest.raises(IntegrityError, match="not verified"):
+        sst.load_file(url, tensors="lm_head.weight", verify="strict")
+    with pytest.raises(IntegrityError, match="publishes no digest and there is no .sha256.json sidecar"):
+        sst.load_file(url, verify=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sst.load_file(url, tensors="lm_head.weight")  # not asked to verify: silent
+
+
+def test_sharded_checkpoint_verifies_each_shard(root: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "sharded"
+    shutil.copytree(root / "sharded", folder)
+    assert main(["digest", str(folder), "--output-dir", str(folder)]) == 0
+    assert len(list(folder.glob("*.sha256.json"))) == 3
+    sst.load_file(str(folder), verify="strict")
+    with pytest.raises(ValueError, match="is one digest, but the checkpoint has 3 files"):
+        sst.load_file(str(folder), verify="sha256:" + "0" * 64)
+    shard = sorted(folder.glob("*.safetensors"))[1]
+    flip_byte(shard, shard.stat().st_size - 1)
+    with pytest.raises(IntegrityError, match=shard.name):
+        sst.load_file(str(folder), verify=True)
+
+
+@pytest.mark.hub
+def test_hub_lfs_sha256(hub: Any, root: Path) -> None:
+    hub.commit("org/verified", {"model.safetensors": (root / "layered.safetensors").read_bytes()})
+    url = "hf://org/verified/model.safetensors"
+    loaded = sst.load_file(url, storage_options=hub.storage_options(), verify="strict")
+    assert_same(loaded, safetensors.torch.load_file(str(root / "layered.safetensors")))
+    stored = Path(hub.file_info("org/verified", "model.safetensors")["local_path"])
+    flip_byte(stored, stored.stat().st_size - 3)  # the CDN now serves other bytes than the LFS pointer says
+    with pytest.raises(IntegrityError, match="the Hub's LFS sha256"):
+        sst.load_file(url, storage_options=hub.storage_options(), verify=True)
+
+
+@pytest.mark.s3
+def test_s3_full_object_sha256(s3: Any, root: Path) -> None:
+    client = s3.boto3_client()
+    key = "checkpoints/checksummed.safetensors"
+    client.put_object(
+        Bucket=s3.bucket, Key=key, Body=(root / "layered.safetensors").read_bytes(), ChecksumAlgorithm="SHA256"
+    )
+    loaded = sst.load_file(f"s3://{s3.bucket}/{key}", storage_options=s3.storage_options, verify="strict")
+    assert_same(loaded, safetensors.torch.load_file(str(root / "layered.safetensors")))
+
+
+@pytest.mark.gcs
+def test_gcs_md5(gcs: Any, root: Path) -> None:
+    url = "gs://stream-st-test/checkpoints/layered.safetensors"
+    loaded = sst.load_file(url, storage_options=gcs.storage_options, verify="strict")
+    assert_same(loaded, safetensors.torch.load_file(str(root / "layered.safetensors")))
+
+
+def test_hashing_sees_every_byte_in_order_whatever_order_parts_land(served: Any) -> None:
+    server, folder = served
+    path = folder / "model.safetensors"
+    # Many small parts on several threads land out of order; the digest must still match.
+    loaded = sst.load_file(
+        server.url("model.safetensors"),
+        verify=f"sha256:{sha256(path)}",
+        part_size=4096,
+        max_concurrency=8,
+        header_prefetch=1024,
+    )
+    assert_same(loaded, safetensors.torch.load_file(str(path)))
