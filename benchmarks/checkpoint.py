@@ -75,7 +75,15 @@ def ensure_checkpoint(out_dir: Path, size_gib: float) -> Path:
         print(f"generating {path.name} (hidden {hidden}, ~{layout_bytes(hidden) / (1 << 30):.2f} GiB) ...", flush=True)
         # In a child process: the parent stays small (it forks every contender) and gets no torch import.
         subprocess.run([sys.executable, __file__, str(path), str(hidden)], check=True)
+    sidecar = path.with_name(path.name + ".sha256.json")
+    if not sidecar.exists():  # for the verify=True contender: the sha256 of the file and of each tensor
+        subprocess.run(
+            [sys.executable, "-m", "stream_st.cli", "digest", str(path), "--output-dir", str(data_dir)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     # nginx workers may run as another user: the file and every folder above it must be readable.
+    os.chmod(sidecar, 0o644)
     os.chmod(path, 0o644)
     for folder in (data_dir, out_dir):
         os.chmod(folder, 0o755)

@@ -66,6 +66,11 @@ CONTENDERS = [
         load="import stream_st\nsd = stream_st.load_file(URL)",
     ),
     Contender(
+        "stream_st_verify",
+        "stream_st.load_file(url, verify=True) (sha256 from a sidecar)",
+        load="import stream_st\nsd = stream_st.load_file(URL, verify='strict')",
+    ),
+    Contender(
         "safetensors_streaming",
         "safetensors_streaming.load_file(url) (Rust)",
         load="import safetensors_streaming\nsd = safetensors_streaming.load_file(URL)",

@@ -151,6 +151,12 @@ def targets(rows: list[dict[str, Any]], expected: dict[str, int], header: Any) -
         )
     elif ours:
         lines.append("- stream_st ÷ safetensors_streaming: not computed (safetensors_streaming had no successful run)")
+    verified = _get(rows, "stream_st_verify")
+    if ours and verified:
+        lines.append(
+            f"- cost of verify (sha256 while streaming): {verified['median_s']:.2f} / {ours['median_s']:.2f} = "
+            f"**{verified['median_s'] / ours['median_s']:.2f}×** stream_st without it"
+        )
     partial = _get(rows, "partial")
     if partial:
         pulled = int(statistics.median(partial["bytes"]))

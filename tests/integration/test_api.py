@@ -197,3 +197,34 @@ def test_no_progress_bar_when_not_a_terminal(http: RangeServer, capsys: pytest.C
     sst.load_file(http.url("layered.safetensors"))
     sst.load_file(http.url("layered.safetensors"), progress=False)
     assert capsys.readouterr().err == ""
+
+
+def _raw_file(path: Path, entries: dict[str, tuple[str, list[int], bytes]]) -> Path:
+    """A safetensors file written by hand, for dtypes safetensors.torch cannot write or read."""
+    import json as _json
+
+    header: dict[str, object] = {}
+    data = b""
+    for name, (dtype, shape, payload) in entries.items():
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [len(data), len(data) + len(payload)]}
+        data += payload
+    raw = _json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+    return path
+
+
+def test_float8_e8m0_beyond_safetensors_torch(tmp_path: Path) -> None:
+    if not hasattr(torch, "float8_e8m0fnu"):
+        pytest.skip("this torch has no float8_e8m0fnu")
+    payload = bytes(range(0, 256, 7))
+    path = _raw_file(tmp_path / "e8m0.safetensors", {"scales": ("F8_E8M0", [len(payload)], payload)})
+    loaded = sst.load_file(str(path))["scales"]
+    assert loaded.dtype == torch.float8_e8m0fnu
+    assert loaded.view(torch.uint8).numpy().tobytes() == payload
+
+
+def test_sub_byte_dtype_is_a_clear_error(tmp_path: Path) -> None:
+    path = _raw_file(tmp_path / "f4.safetensors", {"w": ("F4", [4], b"\x12\x34"), "ok": ("U8", [2], b"\x01\x02")})
+    assert sst.load_file(str(path), tensors="ok")["ok"].tolist() == [1, 2]
+    with pytest.raises(sst.UnsupportedDtypeError, match="tensor 'w' has dtype F4, which this torch"):
+        sst.load_file(str(path))
