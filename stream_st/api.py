@@ -20,7 +20,7 @@ from .progress import ProgressOption, make_progress
 from .remote import RemoteFile
 from .select import Selection
 from .shards import Checkpoint, open_checkpoint
-from .sinks import HostTensor
+from .sinks import OutputTensor
 from .transport import redact
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ async def _load_located(
 ) -> dict[str, torch.Tensor]:
     """Fetch every group concurrently (one engine), return tensors shard by shard in file order."""
     loads = await asyncio.gather(
-        *(file.load(((name, None) for name in names), verify) for file, names in located.items())
+        *(file.load(((name, None) for name in names), verify, to_device(device)) for file, names in located.items())
     )
     return {
         name: finish(hosts.pop(name), device, dtype)
@@ -124,11 +124,20 @@ async def _with_deadline(config: Config, url: str, coro: Any) -> Any:
         raise TimeoutError(f"{url}: load did not finish within timeout={config.timeout}s") from None
 
 
-def finish(host: HostTensor, device: Device, dtype: torch.dtype | None) -> torch.Tensor:
-    """The typed tensor on ``device``, floating-point tensors cast to ``dtype`` if given."""
+def to_device(device: Device) -> torch.device:
+    """``"cuda"``, ``"cuda:1"``, ``1`` or a torch.device, as a torch.device (``"cuda"`` gets its index)."""
+    target = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    if target.type == "cuda" and target.index is None:
+        target = torch.device("cuda", torch.cuda.current_device())
+    return target
+
+
+def finish(host: OutputTensor, device: Device, dtype: torch.dtype | None) -> torch.Tensor:
+    """The typed tensor on ``device`` (already there after a staged load), floating-point tensors cast to
+    ``dtype`` there (on the GPU for a GPU load, never on the host first)."""
     tensor = host.tensor()
-    target = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
-    if target.type != "cpu":
+    target = to_device(device)
+    if tensor.device != target:
         tensor = tensor.to(target)
     if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
         tensor = tensor.to(dtype)

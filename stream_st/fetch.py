@@ -18,6 +18,7 @@ from typing import TypeVar
 
 from .config import Config
 from .errors import FetchError, IncompleteReadError
+from .gpu import DeviceStaging, SlotWaitCancelledError
 from .plan import Part, Want, plan_parts
 from .progress import Progress
 from .sources import ByteStream, Probe, Source, read_exactly
@@ -95,13 +96,16 @@ class Engine:
         wants: Iterable[Want],
         destination: Destination,
         landed: Callable[[int, int], None] | None = None,
+        staging: DeviceStaging | None = None,
     ) -> None:
         """Fetch every wanted span of ``source`` into ``destination(key)``, all or nothing.
 
-        ``landed(start, end)`` is called from the worker thread as each part has fully arrived."""
+        ``landed(start, end)`` is called from the worker thread as each part has fully arrived. With
+        ``staging``, parts go through pinned slots to device tensors instead (``destination`` unused)."""
         config = self.config
+        part_size = min(config.part_size, staging.pool.slot_bytes) if staging else config.part_size
         if source.ranges:
-            parts = plan_parts(wants, max_gap=config.max_gap, part_size=config.part_size)
+            parts = plan_parts(wants, max_gap=config.max_gap, part_size=part_size)
         else:  # the server ignores Range: one streamed GET from byte 0 covers everything
             assert source.size is not None
             parts = plan_parts(wants, max_gap=source.size, part_size=source.size + 1)
@@ -111,7 +115,7 @@ class Engine:
             for part in parts:
                 while len(pending) >= config.max_concurrency:
                     pending = await _reap(pending, asyncio.FIRST_COMPLETED)
-                work = self._executor.submit(self._fetch_part, source, part, destination, cancelled, landed)
+                work = self._executor.submit(self._fetch_part, source, part, destination, cancelled, landed, staging)
                 pending.add(asyncio.wrap_future(work))
             while pending:
                 pending = await _reap(pending, asyncio.ALL_COMPLETED)
@@ -148,9 +152,30 @@ class Engine:
         destination: Destination,
         cancelled: threading.Event,
         landed: Callable[[int, int], None] | None,
+        staging: DeviceStaging | None,
     ) -> None:
-        """Read one part; a retry asks only for the bytes still missing."""
-        reader = _PartReader(part, destination, self._gap_scratch(), cancelled, self.progress)
+        """Read one part (straight into its destinations, or into a pinned slot then to the device)."""
+        if staging is None:
+            self._read_part(source, _PartReader(part, destination, self._gap_scratch(), cancelled, self.progress))
+        else:
+            try:
+                slot = staging.pool.acquire(cancelled)
+            except SlotWaitCancelledError:
+                raise LoadCancelledError() from None
+            try:
+                staged = staging.staged_part(part)
+                self._read_part(source, _PartReader(staged, lambda _: slot.view, self._gap_scratch(), cancelled, None))
+                staging.ship(slot, part)
+            finally:
+                staging.pool.release(slot)  # its copy may still run: the next user waits on its event
+            if self.progress is not None:
+                self.progress.advance(sum(piece.size for piece in part.pieces))
+        if landed is not None:
+            landed(part.start, part.end)
+
+    def _read_part(self, source: Source, reader: _PartReader) -> None:
+        """Fill ``reader``'s part; a retry asks only for the bytes still missing."""
+        cancelled, part = reader.cancelled, reader.part
 
         def attempt() -> None:
             stream = source.open_range(reader.position, part.end)
@@ -163,8 +188,6 @@ class Engine:
                 stream.close(reusable=reader.position == part.end)
 
         self._retrying(source, attempt, cancelled, reader.location)
-        if landed is not None:
-            landed(part.start, part.end)
 
     def _retrying(
         self, source: Source, attempt: Callable[[], T], cancelled: threading.Event, locate: Callable[[], Location]
@@ -222,8 +245,8 @@ class _PartReader:
         cancelled: threading.Event,
         progress: Progress | None,
     ) -> None:
-        self.part, self.position = part, part.start
-        self._destination, self._scratch, self._cancelled = destination, scratch, cancelled
+        self.part, self.position, self.cancelled = part, part.start, cancelled
+        self._destination, self._scratch = destination, scratch
         self._progress = progress
 
     def location(self) -> Location:
@@ -242,7 +265,7 @@ class _PartReader:
             begin = piece.dest_offset + self.position - piece.start
             stop = piece.dest_offset + piece.size
             while begin < stop:
-                if self._cancelled.is_set():
+                if self.cancelled.is_set():
                     raise LoadCancelledError()
                 chunk = target[begin : min(stop, begin + _CHUNK)]
                 read_exactly(stream, chunk, url=url, start=self.position)

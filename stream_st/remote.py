@@ -7,21 +7,33 @@ import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import torch
+
 from .errors import HeaderError, IntegrityError, IntegrityWarning
 from .fetch import Engine
+from .gpu import DeviceStaging, shared_pool
 from .header import LENGTH_PREFIX, Header, TensorInfo, declared_header_size, parse_header
 from .integrity import SIDECAR_SUFFIX, OrderedHasher, Sidecar, VerifyOption, check_tensors, parse_digest
 from .plan import Want
-from .sinks import HostTensor, host_tensor, row_bytes
+from .sinks import OutputTensor, output_tensor, row_bytes, writable_view
 from .sources import Source, open_source
 
 logger = logging.getLogger(__name__)
+
+
+def _no_host_destination(key: object) -> memoryview:
+    raise AssertionError(f"staged parts land in slots, not in host memory ({key!r})")
+
 
 Rows = tuple[int, int]
 
 
 class RemoteFile:
     """A safetensors object whose header has been read and validated; fetches tensors on demand."""
+
+    # The tests set this to run CPU loads through the device path's pinned-slot pipeline (with plain
+    # memory and synchronous copies), so its slot logic is exercised on machines without a GPU.
+    stage_cpu_loads = False
 
     def __init__(
         self,
@@ -66,23 +78,35 @@ class RemoteFile:
         return self.header.tensors[name]
 
     async def load(
-        self, requests: Iterable[tuple[str, Rows | None]], verify: VerifyOption = None
-    ) -> dict[str, HostTensor]:
-        """Fetch tensors (or dim-0 row ranges of them) into newly allocated host tensors, concurrently;
-        with ``verify``, check them against a digest (see ``integrity.py``) before returning them."""
-        outputs: dict[str, HostTensor] = {}
-        views: dict[str, memoryview] = {}
-        wants: list[Want] = []
+        self,
+        requests: Iterable[tuple[str, Rows | None]],
+        verify: VerifyOption = None,
+        device: torch.device | None = None,
+    ) -> dict[str, OutputTensor]:
+        """Fetch tensors (or dim-0 row ranges of them) into newly allocated tensors, concurrently.
+
+        On the host, bytes land straight in the outputs. For another ``device`` they pass through the
+        shared pinned slot pool (gpu.py) unless ``verify`` needs them in host memory first (then the
+        caller moves them). With ``verify``, they are checked against a digest before being returned."""
         requested = list(requests)
+        staged = (
+            device is not None and (device.type != "cpu" or self.stage_cpu_loads) and not verify and self.source.ranges
+        )
+        outputs: dict[str, OutputTensor] = {}
+        wants: list[Want] = []
         for name, rows in requested:
             info = self.header.tensors[name]
             if name in outputs:
                 continue
-            out = host_tensor(info, url=self.url, rows=rows)
+            out = output_tensor(info, url=self.url, rows=rows, device=device if staged else None)
             start = info.start + (row_bytes(info) * rows[0] if rows else 0)
             outputs[name] = out
-            views[name] = view = out.view()
-            wants.extend(self._take_from_prefix(Want(name, start, start + len(view)), view))
+            wants.extend(self._take_from_prefix(Want(name, start, start + out.buffer.numel()), out.buffer))
+        if staged:
+            assert device is not None
+            await self._fetch_to_device(wants, {name: out.buffer for name, out in outputs.items()}, device)
+            return outputs
+        views = {name: out.view() for name, out in outputs.items()}
         whole = len(outputs) == len(self.header) and not any(rows for _, rows in requested)
         hasher = await self._whole_file_hasher(verify, views) if verify and whole else None
         sidecar = await self._sidecar_for_partial(verify) if verify and not whole else None
@@ -93,6 +117,18 @@ class RemoteFile:
         if sidecar is not None:
             await self.engine.run(check_tensors, self.url, sidecar, views.items())
         return outputs
+
+    async def _fetch_to_device(self, wants: list[Want], buffers: dict[str, torch.Tensor], device: torch.device) -> None:
+        config = self.engine.config
+        pool = shared_pool(config.part_size, config.pinned_pool_bytes, pinned=device.type == "cuda")
+        staging = DeviceStaging(buffers, device, pool)
+        try:
+            await self.engine.fetch(self.source, wants, _no_host_destination, staging=staging)
+        finally:
+            # Wait for every queued copy, on success and on failure alike: the caller must not see a
+            # half-copied tensor, nor may memory still being copied into be freed.
+            await self.engine.run(staging.finish)
+        self.source.check_unchanged()
 
     async def _whole_file_hasher(self, verify: VerifyOption, views: dict[str, memoryview]) -> OrderedHasher:
         """A hasher over the whole object: header bytes, then every tensor where it lands."""
@@ -137,12 +173,16 @@ class RemoteFile:
             warnings.warn(message + "; loading unverified", IntegrityWarning, stacklevel=2)
         return sidecar
 
-    def _take_from_prefix(self, want: Want, view: memoryview) -> list[Want]:
+    def _take_from_prefix(self, want: Want, buffer: torch.Tensor) -> list[Want]:
         """Copy what the header read already fetched; return what is still missing."""
         have = min(want.end, len(self._prefix)) - want.start
         if have <= 0:
             return [want]
-        view[:have] = self._prefix[want.start : want.start + have]
+        known = self._prefix[want.start : want.start + have]
+        if buffer.device.type == "cpu":
+            writable_view(buffer)[:have] = known
+        else:  # at most the header prefetch (256 KiB): a plain copy
+            buffer[:have].copy_(torch.frombuffer(bytearray(known), dtype=torch.uint8))
         if self.engine.progress is not None:
             self.engine.progress.advance(have)
         return [Want(want.key, want.start + have, want.end, have)] if want.end > want.start + have else []

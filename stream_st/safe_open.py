@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ._loop import run_sync
-from .api import Device, finish
+from .api import Device, finish, to_device
 from .config import Config, resolve
 from .fetch import Engine
 from .header import TensorInfo
@@ -107,7 +107,10 @@ class AsyncSafeOpen:
         located: dict[RemoteFile, list[str]] = {}
         for name, file in zip(wanted, files):
             located.setdefault(file, []).append(name)
-        loads = await asyncio.gather(*(file.load((n, None) for n in group) for file, group in located.items()))
+        device = to_device(self._device)
+        loads = await asyncio.gather(
+            *(file.load(((n, None) for n in group), None, device) for file, group in located.items())
+        )
         hosts = {name: host for loaded in loads for name, host in loaded.items()}
         return {name: finish(hosts[name], self._device, self._dtype) for name in wanted}
 
@@ -132,7 +135,7 @@ class AsyncTensorSlice:
     async def read(self, index: Index) -> torch.Tensor:
         info = self._info
         rows, local = covering_rows(info, index)
-        hosts = await self._file.load([(info.name, rows)])
+        hosts = await self._file.load([(info.name, rows)], None, to_device(self._handle._device))
         tensor = finish(hosts[info.name], self._handle._device, self._handle._dtype)
         return tensor[local].contiguous() if local is not None else tensor
 

@@ -13,25 +13,28 @@ from .header import TensorInfo
 
 
 @dataclass
-class HostTensor:
-    """An output tensor's raw bytes in host memory, and how to present them as the typed tensor."""
+class OutputTensor:
+    """An output tensor's raw bytes (host or device memory), and how to present them as the typed tensor."""
 
     buffer: torch.Tensor  # flat uint8, owns the memory
     dtype: torch.dtype
     shape: tuple[int, ...]
 
     def view(self) -> memoryview:
-        """A writable view of the bytes, for ``readinto``."""
+        """A writable view of the bytes, for ``readinto`` (host memory only)."""
         return writable_view(self.buffer)
 
     def tensor(self) -> torch.Tensor:
         if self.buffer.numel() == 0:
-            return torch.empty(self.shape, dtype=self.dtype)
+            return torch.empty(self.shape, dtype=self.dtype, device=self.buffer.device)
         return self.buffer.view(self.dtype).reshape(self.shape)
 
 
-def host_tensor(info: TensorInfo, *, url: str, rows: tuple[int, int] | None = None) -> HostTensor:
-    """Allocate the output for ``info`` (or for its dim-0 rows [start, stop)), after the header was validated."""
+def output_tensor(
+    info: TensorInfo, *, url: str, rows: tuple[int, int] | None = None, device: torch.device | None = None
+) -> OutputTensor:
+    """Allocate the output for ``info`` (or for its dim-0 rows [start, stop)) on ``device`` (default: host
+    memory), after the header was validated."""
     dtype = to_torch(info.dtype)
     if dtype is None:
         raise UnsupportedDtypeError(
@@ -44,7 +47,7 @@ def host_tensor(info: TensorInfo, *, url: str, rows: tuple[int, int] | None = No
     if rows is not None:
         shape = (rows[1] - rows[0], *shape[1:])
         nbytes = row_bytes(info) * shape[0]
-    return HostTensor(torch.empty(nbytes, dtype=torch.uint8), dtype, shape)
+    return OutputTensor(torch.empty(nbytes, dtype=torch.uint8, device=device), dtype, shape)
 
 
 def row_bytes(info: TensorInfo) -> int:

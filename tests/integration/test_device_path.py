@@ -1,0 +1,126 @@
+"""The device path: parts pass through a bounded pool of (pinned) slots and are copied to the output
+tensors. Without a GPU the same slot pipeline runs on CPU memory (RemoteFile.stage_cpu_loads); the tests
+marked ``cuda`` run it for real on a GPU and skip elsewhere."""
+
+from __future__ import annotations
+
+import resource
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+import stream_st as sst
+from checkpoints import assert_same, assert_tensor_same, layered_state, tiny_state, write
+from servers import RangeServer
+from stream_st import gpu
+from stream_st.remote import RemoteFile
+
+
+@pytest.fixture()
+def staged(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setattr(RemoteFile, "stage_cpu_loads", True)
+    monkeypatch.setattr(gpu, "_pools", {})  # a fresh pool per test, to count its slots
+    yield
+
+
+def only_pool() -> gpu.PinnedPool:
+    (pool,) = gpu._pools.values()
+    return pool
+
+
+@pytest.mark.parametrize("name", ["dtypes.safetensors", "layered.safetensors", "tiny.safetensors"])
+def test_staged_loads_are_bit_exact(staged: None, http: RangeServer, root: Path, name: str) -> None:
+    # 3 slots for 6 threads: threads wait for slots, slots are reused many times.
+    loaded = sst.load_file(
+        http.url(name), "cpu", part_size=16384, pinned_pool_bytes=3 * 16384, max_concurrency=6, header_prefetch=1024
+    )
+    assert_same(loaded, safetensors.torch.load_file(str(root / name)))
+    pool = only_pool()
+    assert 1 <= pool.allocated <= 3 and pool.idle == pool.allocated
+
+
+def test_staged_slices_and_retries(staged: None, http: RangeServer, root: Path) -> None:
+    http.quirks.faults, http.quirks.fault_from = 2, 4096
+    expected = safetensors.torch.load_file(str(root / "layered.safetensors"))
+    with sst.safe_open(http.url("layered.safetensors"), part_size=32768, header_prefetch=4096, backoff_base=0.01) as f:
+        assert_tensor_same(f.get_slice("lm_head.weight")[10:900], expected["lm_head.weight"][10:900])
+        assert_same(f.get_tensors(list(expected)), expected)
+    assert only_pool().idle == only_pool().allocated
+
+
+def test_failed_staged_load_returns_every_slot(staged: None, http: RangeServer) -> None:
+    http.quirks.faults, http.quirks.fault_from = 1000, 4096
+    with pytest.raises(sst.IncompleteReadError):
+        sst.load_file(
+            http.url("layered.safetensors"),
+            "cpu",
+            part_size=8192,
+            pinned_pool_bytes=2 * 8192,
+            header_prefetch=4096,
+            retries=1,
+            backoff_base=0.001,
+        )
+    pool = only_pool()
+    assert pool.allocated >= 1 and pool.idle == pool.allocated
+
+
+def test_slot_size_caps_the_part_size(staged: None, http: RangeServer, root: Path) -> None:
+    stats = sst.Stats()
+    loaded = sst.load_file(http.url("layered.safetensors"), "cpu", part_size=65536, pinned_pool_bytes=1, stats=stats)
+    assert_same(loaded, safetensors.torch.load_file(str(root / "layered.safetensors")))
+    assert only_pool().count == 1  # at least one slot, whatever the budget says
+
+
+# --- on a GPU -------------------------------------------------------------------------------------------
+
+cuda = pytest.mark.cuda
+
+
+@cuda
+@pytest.mark.parametrize("name", ["dtypes.safetensors", "layered.safetensors", "tiny.safetensors"])
+def test_cuda_bit_exact_against_safetensors(http: RangeServer, root: Path, name: str) -> None:
+    loaded = sst.load_file(http.url(name), "cuda", part_size=65536)
+    expected = safetensors.torch.load_file(str(root / name), device="cuda")
+    assert all(t.is_cuda for t in loaded.values())
+    assert_same(loaded, expected)
+
+
+@cuda
+def test_cuda_dtype_cast_happens_on_the_gpu(http: RangeServer, root: Path) -> None:
+    loaded = sst.load_file(http.url("layered.safetensors"), "cuda:0", dtype=torch.float16)
+    expected = safetensors.torch.load_file(str(root / "layered.safetensors"), device="cuda:0")
+    for name, tensor in expected.items():
+        assert loaded[name].device == tensor.device
+        assert_tensor_same(loaded[name], tensor.to(torch.float16), name)  # NaNs too: compared bit for bit
+
+
+@cuda
+def test_cuda_many_small_and_few_huge_tensors_reuse_slots(http: RangeServer, root: Path, tmp_path: Path) -> None:
+    state = {**tiny_state(3000), "huge.a": torch.randn(3_000_000), "huge.b": torch.randn(2_000_000)}
+    path = write(root / "mixed.safetensors", state)
+    try:
+        loaded = sst.load_file(http.url(path.name), "cuda", part_size=1 << 20, pinned_pool_bytes=4 << 20)
+        assert_same(loaded, safetensors.torch.load_file(str(path), device="cuda"))
+    finally:
+        path.unlink()
+
+
+@cuda
+def test_cuda_host_memory_stays_bounded_by_the_pool(http: RangeServer, root: Path) -> None:
+    """A checkpoint 8× the pinned pool: peak host RSS grows by about the pool, not the checkpoint."""
+    state = layered_state(layers=16, width=1024)  # ~100 MB of bf16
+    path = write(root / "bounded.safetensors", state)
+    try:
+        del state
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
+        loaded = sst.load_file(http.url(path.name), "cuda", part_size=1 << 20, pinned_pool_bytes=12 << 20)
+        grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10) - before
+        size = path.stat().st_size
+        assert size > 8 * (12 << 20)
+        assert grown < size / 2, f"host RSS grew {grown} bytes for a {size}-byte checkpoint"
+        assert_same(loaded, safetensors.torch.load_file(str(path), device="cuda"))
+    finally:
+        path.unlink()
