@@ -16,6 +16,7 @@ from .config import Config, resolve
 from .fetch import Engine, Stats
 from .header import Header
 from .integrity import VerifyOption, parse_digest
+from .parallel import TensorParallel, load_raw, split_and_exchange, whole
 from .progress import ProgressOption, make_progress
 from .remote import RemoteFile
 from .select import Selection
@@ -78,14 +79,13 @@ async def _load_located(
     located: Mapping[RemoteFile, list[str]], device: Device, dtype: torch.dtype | None, verify: VerifyOption = None
 ) -> dict[str, torch.Tensor]:
     """Fetch every group concurrently (one engine), return tensors shard by shard in file order."""
-    loads = await asyncio.gather(
-        *(file.load(((name, None) for name in names), verify, to_device(device)) for file, names in located.items())
-    )
-    return {
-        name: finish(hosts.pop(name), device, dtype)
-        for (names, hosts) in zip(located.values(), loads)
-        for name in names
-    }
+    return _finished(await load_raw(located, to_device(device), whole, verify), device, dtype)
+
+
+def _finished(
+    outputs: Mapping[str, OutputTensor], device: Device, dtype: torch.dtype | None
+) -> dict[str, torch.Tensor]:
+    return {name: finish(out, device, dtype) for name, out in outputs.items()}
 
 
 @contextlib.contextmanager
@@ -175,6 +175,8 @@ async def load_file_async(
     progress: ProgressOption = None,
     stats: Stats | None = None,
     verify: VerifyOption = None,
+    tensor_parallel: TensorParallel | None = None,
+    process_group: Any = None,
     **options: Any,
 ) -> dict[str, torch.Tensor]:
     """Load the tensors of a safetensors checkpoint at ``url``, fetching only the bytes needed.
@@ -191,6 +193,12 @@ async def load_file_async(
         progress: None shows a progress bar on a terminal when the load lasts more than a second; True
             always, False never; a callable is called as ``callback(bytes_done, bytes_total)`` (from worker
             threads, at most ten times a second and once at the end).
+        tensor_parallel: a [`TensorParallel`]: fetch only this rank's chunk of the tensors its plan splits
+            (rows for dim 0, columns for dim 1; other tensors whole).
+        process_group: a torch.distributed group (or True for the default one): every rank of it calls
+            ``load_file`` together; each fetches a disjoint, balanced share of the tensors the ranks asked for
+            and the tensors are then exchanged (NCCL for GPU tensors, gloo for CPU ones), so storage serves
+            each byte once. A failure on any rank raises on every rank.
         stats: a [`Stats`] that receives this load's requests, bytes received and retries.
         verify: check the bytes before returning them. ``True``: a whole file against the digest its store
             publishes (the Hub's LFS sha256, S3's full-object ChecksumSHA256/CRC32, GCS's md5Hash) or a
@@ -216,9 +224,17 @@ async def load_file_async(
     async def load() -> dict[str, torch.Tensor]:
         async with open_files(url, cfg, storage_options, stats) as checkpoint:
             check_verify(checkpoint, verify)
+            if process_group is not None:
+                if verify or tensor_parallel:
+                    raise ValueError("process_group= cannot be combined with verify= or tensor_parallel= yet")
+                group = None if process_group is True else process_group
+                outputs = await split_and_exchange(checkpoint, tensors, to_device(device), group)
+                return _finished(outputs, device, dtype)
             located = await checkpoint.locate(tensors)
             with reporting(checkpoint, located, progress):
-                return await _load_located(located, device, dtype, verify)
+                region_of = tensor_parallel.region if tensor_parallel else whole
+                outputs = await load_raw(located, to_device(device), region_of, verify)
+                return _finished(outputs, device, dtype)
 
     return await _with_deadline(cfg, url, load())  # type: ignore[no-any-return]
 
@@ -234,6 +250,8 @@ def load_file(
     progress: ProgressOption = None,
     stats: Stats | None = None,
     verify: VerifyOption = None,
+    tensor_parallel: TensorParallel | None = None,
+    process_group: Any = None,
     **options: Any,
 ) -> dict[str, torch.Tensor]:
     """Sync twin of [`load_file_async`]: ``load_file(url, device="cpu", *, tensors=None, dtype=None, ...)``."""
@@ -248,6 +266,8 @@ def load_file(
             progress=progress,
             stats=stats,
             verify=verify,
+            tensor_parallel=tensor_parallel,
+            process_group=process_group,
             **options,
         )
     )

@@ -9,13 +9,14 @@ from typing import Any
 
 import torch
 
-from .errors import HeaderError, IntegrityError, IntegrityWarning
+from .errors import IntegrityError, IntegrityWarning
 from .fetch import Engine
 from .gpu import DeviceStaging, shared_pool
 from .header import LENGTH_PREFIX, Header, TensorInfo, declared_header_size, parse_header
 from .integrity import SIDECAR_SUFFIX, OrderedHasher, Sidecar, VerifyOption, check_tensors, parse_digest
 from .plan import Want
-from .sinks import OutputTensor, output_tensor, row_bytes, writable_view
+from .regions import Region
+from .sinks import OutputTensor, output_tensor, writable_view
 from .sources import Source, open_source
 
 logger = logging.getLogger(__name__)
@@ -23,9 +24,6 @@ logger = logging.getLogger(__name__)
 
 def _no_host_destination(key: object) -> memoryview:
     raise AssertionError(f"staged parts land in slots, not in host memory ({key!r})")
-
-
-Rows = tuple[int, int]
 
 
 class RemoteFile:
@@ -79,11 +77,11 @@ class RemoteFile:
 
     async def load(
         self,
-        requests: Iterable[tuple[str, Rows | None]],
+        requests: Iterable[tuple[str, Region | None]],
         verify: VerifyOption = None,
         device: torch.device | None = None,
     ) -> dict[str, OutputTensor]:
-        """Fetch tensors (or dim-0 row ranges of them) into newly allocated tensors, concurrently.
+        """Fetch tensors (or a region of one dimension of them) into newly allocated tensors, concurrently.
 
         On the host, bytes land straight in the outputs. For another ``device`` they pass through the
         shared pinned slot pool (gpu.py) unless ``verify`` needs them in host memory first (then the
@@ -94,28 +92,36 @@ class RemoteFile:
         )
         outputs: dict[str, OutputTensor] = {}
         wants: list[Want] = []
-        for name, rows in requested:
+        for name, region in requested:
             info = self.header.tensors[name]
             if name in outputs:
                 continue
-            out = output_tensor(info, url=self.url, rows=rows, device=device if staged else None)
-            start = info.start + (row_bytes(info) * rows[0] if rows else 0)
+            if region is not None:
+                region.check(info, self.url)
+            shape = region.shape(info) if region else info.shape
+            out = output_tensor(info, shape, url=self.url, device=device if staged else None)
             outputs[name] = out
-            wants.extend(self._take_from_prefix(Want(name, start, start + out.buffer.numel()), out.buffer))
+            spans = region.spans(info) if region else [(info.start, info.end, 0)]
+            for start, end, offset in spans:
+                wants.extend(self._take_from_prefix(Want(name, start, end, offset), out.buffer))
         if staged:
             assert device is not None
             await self._fetch_to_device(wants, {name: out.buffer for name, out in outputs.items()}, device)
             return outputs
         views = {name: out.view() for name, out in outputs.items()}
-        whole = len(outputs) == len(self.header) and not any(rows for _, rows in requested)
+        sliced = {name for name, region in requested if region}
+        whole = len(outputs) == len(self.header) and not sliced
         hasher = await self._whole_file_hasher(verify, views) if verify and whole else None
         sidecar = await self._sidecar_for_partial(verify) if verify and not whole else None
+        if verify and sliced:
+            self._unverifiable(verify, f"{len(sliced)} tensor(s) were sliced, and digests cover whole tensors")
         await self.engine.fetch(self.source, wants, lambda key: views[str(key)], hasher.landed if hasher else None)
         self.source.check_unchanged()
         if hasher is not None:
             hasher.check()
         if sidecar is not None:
-            await self.engine.run(check_tensors, self.url, sidecar, views.items())
+            checked = [(name, view) for name, view in views.items() if name not in sliced]
+            await self.engine.run(check_tensors, self.url, sidecar, checked)
         return outputs
 
     async def _fetch_to_device(self, wants: list[Want], buffers: dict[str, torch.Tensor], device: torch.device) -> None:
@@ -164,14 +170,18 @@ class RemoteFile:
         """Per-tensor digests for a partial load; without them, warn (verify=True) or fail ("strict")."""
         sidecar = await self._sidecar()
         if sidecar is None:
-            message = (
-                f"{self.url}: a partial load cannot be checked against a whole-file digest and there is no "
-                f"{SIDECAR_SUFFIX} sidecar with per-tensor digests ('stream-st digest' writes one)"
+            self._unverifiable(
+                verify,
+                "a partial load cannot be checked against a whole-file digest and there is no "
+                f"{SIDECAR_SUFFIX} sidecar with per-tensor digests ('stream-st digest' writes one)",
             )
-            if verify == "strict":
-                raise IntegrityError(message + "; not verified", url=self.url)
-            warnings.warn(message + "; loading unverified", IntegrityWarning, stacklevel=2)
         return sidecar
+
+    def _unverifiable(self, verify: VerifyOption, why: str) -> None:
+        """Some bytes asked to be verified cannot be: warn (verify=True) or fail (verify="strict")."""
+        if verify == "strict":
+            raise IntegrityError(f"{self.url}: {why}; not verified", url=self.url)
+        warnings.warn(f"{self.url}: {why}; loading unverified", IntegrityWarning, stacklevel=3)
 
     def _take_from_prefix(self, want: Want, buffer: torch.Tensor) -> list[Want]:
         """Copy what the header read already fetched; return what is still missing."""
@@ -179,25 +189,18 @@ class RemoteFile:
         if have <= 0:
             return [want]
         known = self._prefix[want.start : want.start + have]
+        at = want.dest_offset
         if buffer.device.type == "cpu":
-            writable_view(buffer)[:have] = known
+            writable_view(buffer)[at : at + have] = known
         else:  # at most the header prefetch (256 KiB): a plain copy
-            buffer[:have].copy_(torch.frombuffer(bytearray(known), dtype=torch.uint8))
+            buffer[at : at + have].copy_(torch.frombuffer(bytearray(known), dtype=torch.uint8))
         if self.engine.progress is not None:
             self.engine.progress.advance(have)
-        return [Want(want.key, want.start + have, want.end, have)] if want.end > want.start + have else []
+        rest = Want(want.key, want.start + have, want.end, want.dest_offset + have)
+        return [rest] if rest.end > rest.start else []
 
     def close(self) -> None:
         self.source.close()
-
-
-def check_rows(info: TensorInfo, rows: Rows, url: str) -> None:
-    """Raise unless [start, stop) is a valid dim-0 row range of ``info``."""
-    if not info.shape:
-        raise HeaderError(f"{url}: tensor {info.name!r} is 0-d; it has no rows to slice", url=url, tensor=info.name)
-    start, stop = rows
-    if not 0 <= start <= stop <= info.shape[0]:
-        raise IndexError(f"{url}: rows {start}:{stop} are outside tensor {info.name!r} of shape {list(info.shape)}")
 
 
 async def read_whole(url: str, engine: Engine, storage_options: Mapping[str, Any] | None) -> bytes:

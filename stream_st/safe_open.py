@@ -14,7 +14,8 @@ from .api import Device, finish, to_device
 from .config import Config, resolve
 from .fetch import Engine
 from .header import TensorInfo
-from .remote import RemoteFile, Rows
+from .regions import Region
+from .remote import RemoteFile
 from .shards import Checkpoint, open_checkpoint
 
 Index = Any  # what tensor[...] accepts
@@ -135,12 +136,13 @@ class AsyncTensorSlice:
     async def read(self, index: Index) -> torch.Tensor:
         info = self._info
         rows, local = covering_rows(info, index)
-        hosts = await self._file.load([(info.name, rows)], None, to_device(self._handle._device))
+        region = Region(0, *rows) if rows else None
+        hosts = await self._file.load([(info.name, region)], None, to_device(self._handle._device))
         tensor = finish(hosts[info.name], self._handle._device, self._handle._dtype)
         return tensor[local].contiguous() if local is not None else tensor
 
 
-def covering_rows(info: TensorInfo, index: Index) -> tuple[Rows | None, Index]:
+def covering_rows(info: TensorInfo, index: Index) -> tuple[tuple[int, int] | None, Index]:
     """The dim-0 rows [start, stop) that ``index`` reads, and the index rebased onto those rows.
 
     Returns ``(None, index)`` when the whole tensor is needed (0-d tensors, fancy indexing on dim 0).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import math
 from dataclasses import dataclass
 
 import torch
@@ -31,10 +32,10 @@ class OutputTensor:
 
 
 def output_tensor(
-    info: TensorInfo, *, url: str, rows: tuple[int, int] | None = None, device: torch.device | None = None
+    info: TensorInfo, shape: tuple[int, ...], *, url: str, device: torch.device | None = None
 ) -> OutputTensor:
-    """Allocate the output for ``info`` (or for its dim-0 rows [start, stop)) on ``device`` (default: host
-    memory), after the header was validated."""
+    """Allocate an output of ``shape`` for (part of) ``info`` on ``device`` (default: host memory), after
+    the header was validated."""
     dtype = to_torch(info.dtype)
     if dtype is None:
         raise UnsupportedDtypeError(
@@ -42,17 +43,8 @@ def output_tensor(
             url=url,
             tensor=info.name,
         )
-    shape = info.shape
-    nbytes = info.nbytes
-    if rows is not None:
-        shape = (rows[1] - rows[0], *shape[1:])
-        nbytes = row_bytes(info) * shape[0]
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     return OutputTensor(torch.empty(nbytes, dtype=torch.uint8, device=device), dtype, shape)
-
-
-def row_bytes(info: TensorInfo) -> int:
-    """Bytes of one dim-0 row of ``info``."""
-    return info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
 
 
 def writable_view(tensor: torch.Tensor) -> memoryview:
