@@ -18,6 +18,8 @@ from .errors import (
     FetchError,
     HeaderError,
     IncompleteReadError,
+    IntegrityError,
+    IntegrityWarning,
     ObjectChangedError,
     RangeNotSupportedError,
     StreamSTError,
@@ -26,6 +28,7 @@ from .errors import (
 )
 from .fetch import Stats
 from .header import Header, TensorInfo
+from .parallel import TensorParallel
 from .safe_open import AsyncSafeOpen, TensorSlice, safe_open, safe_open_async
 
 __version__ = "0.1.0"
@@ -35,6 +38,8 @@ __all__ = [
     "Config",
     "ConfigError",
     "FetchError",
+    "IntegrityError",
+    "IntegrityWarning",
     "Header",
     "HeaderError",
     "IncompleteReadError",
@@ -44,6 +49,7 @@ __all__ = [
     "StreamSTError",
     "TensorInfo",
     "TensorNotFoundError",
+    "TensorParallel",
     "TensorSlice",
     "UnsupportedDtypeError",
     "__version__",

@@ -1,0 +1,42 @@
+"""One rank of a torch.distributed (gloo) test: runs in a spawned process, writes its outcome to a file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import traceback
+from datetime import timedelta
+from typing import Any
+
+
+def describe(tensor: Any) -> list[Any]:
+    """dtype, shape and the sha256 of the bytes: what a rank reports of each tensor."""
+    import torch
+
+    raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+    return [str(tensor.dtype), list(tensor.shape), hashlib.sha256(raw).hexdigest()]
+
+
+def run_rank(rank: int, world: int, port: int, job: dict[str, Any], out: str) -> None:
+    import torch.distributed as dist
+
+    import stream_st as sst
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=30)
+    )
+    result: dict[str, Any]
+    try:
+        tensors = job["per_rank"][rank] if "per_rank" in job else job.get("tensors")
+        options = job.get("options", {})
+        if job.get("tensor_parallel"):
+            options["tensor_parallel"] = sst.TensorParallel(rank, world, job["tensor_parallel"])
+        else:
+            options["process_group"] = True
+        loaded = sst.load_file(job["url"], tensors=tensors, **options)
+        result = {"ok": True, "tensors": {name: describe(t) for name, t in loaded.items()}}
+    except Exception as exc:
+        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
+    with open(out, "w") as handle:
+        json.dump(result, handle)
+    dist.destroy_process_group()

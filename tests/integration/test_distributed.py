@@ -1,0 +1,119 @@
+"""Several ranks (gloo, spawned processes on 127.0.0.1): split-and-exchange reads each byte from storage
+once; tensor-parallel ranks read only their slice; a failing rank makes every rank raise, in bounded time."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import re
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from dist_worker import describe, run_rank
+
+import stream_st as sst
+from servers import RangeServer, free_port
+
+PREFETCH = 4096
+NAME = "layered.safetensors"
+
+
+def run_world(world: int, job: dict[str, Any], tmp_path: Path, timeout: float = 90) -> list[dict[str, Any]]:
+    context = multiprocessing.get_context("spawn")
+    port = free_port()
+    outs = [tmp_path / f"rank{r}.json" for r in range(world)]
+    processes = [context.Process(target=run_rank, args=(r, world, port, job, str(outs[r]))) for r in range(world)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout)
+    hung = [p for p in processes if p.is_alive()]
+    for process in hung:
+        process.kill()
+    assert not hung, f"{len(hung)} rank(s) still running after {timeout} s"
+    return [json.loads(out.read_text()) for out in outs]
+
+
+def expected(root: Path) -> dict[str, list[Any]]:
+    return {name: describe(t) for name, t in safetensors.torch.load_file(str(root / NAME)).items()}
+
+
+def data_bytes(http: RangeServer) -> int:
+    """Bytes served by ranged GETs past the header prefetch: the tensor bytes pulled from storage."""
+    total = 0
+    for request in http.gets(NAME):
+        match = re.fullmatch(r"bytes=(\d+)-(\d+)", request.range or "")
+        if match and int(match.group(1)) >= PREFETCH:
+            total += request.sent
+    return total
+
+
+def test_split_and_exchange_reads_each_byte_once(http: RangeServer, root: Path, tmp_path: Path) -> None:
+    job = {"url": http.url(NAME), "tensors": None, "options": {"header_prefetch": PREFETCH, "part_size": 65536}}
+    results = run_world(3, job, tmp_path)
+    want = expected(root)
+    for rank, result in enumerate(results):
+        assert result["ok"], result
+        assert result["tensors"] == want, f"rank {rank}"
+    assert data_bytes(http) == (root / NAME).stat().st_size - PREFETCH  # 1× egress, not 3×
+    assert len([r for r in http.gets(NAME) if r.range == f"bytes=0-{PREFETCH - 1}"]) == 3  # a header read each
+
+
+def test_ranks_asking_for_different_tensors(http: RangeServer, root: Path, tmp_path: Path) -> None:
+    selections = [["model.layers.0.*"], ["model.layers.1.*", "lm_head.weight"], ["lm_head.weight"]]
+    job = {"url": http.url(NAME), "per_rank": selections, "options": {"header_prefetch": PREFETCH}}
+    results = run_world(3, job, tmp_path)
+    want = expected(root)
+    asked = [
+        {n for n in want if n.startswith("model.layers.0.")},
+        {n for n in want if n.startswith("model.layers.1.")} | {"lm_head.weight"},
+        {"lm_head.weight"},
+    ]
+    for rank, result in enumerate(results):
+        assert result["ok"], result
+        assert result["tensors"] == {n: want[n] for n in asked[rank]}
+    union = set().union(*asked)
+    header = sst.read_header(str(root / NAME))
+    beyond_prefetch = sum(max(0, t.end - max(t.start, PREFETCH)) for t in header if t.name in union)
+    assert data_bytes(http) == beyond_prefetch  # the union, once
+
+
+def test_tensor_parallel_ranks_read_only_their_slices(http: RangeServer, root: Path, tmp_path: Path) -> None:
+    plan = {"*.q_proj.weight": 0, "*.up_proj.weight": 1}
+    job = {
+        "url": http.url(NAME),
+        "tensors": ["*.q_proj.weight", "*.up_proj.weight"],
+        "tensor_parallel": plan,
+        "options": {"header_prefetch": PREFETCH, "max_gap": 0},
+    }
+    results = run_world(2, job, tmp_path)
+    reference = safetensors.torch.load_file(str(root / NAME))
+    selected_names = {n for n in reference if n.endswith(("q_proj.weight", "up_proj.weight"))}
+    for rank, result in enumerate(results):
+        assert result["ok"], result
+        assert set(result["tensors"]) == selected_names
+        for name, described in result["tensors"].items():
+            dim = 0 if name.endswith("q_proj.weight") else 1
+            assert described == describe(torch.chunk(reference[name], 2, dim=dim)[rank]), (rank, name)
+    selected = sum(
+        t.numel() * t.element_size() for n, t in reference.items() if n.endswith(("q_proj.weight", "up_proj.weight"))
+    )
+    assert data_bytes(http) == selected  # together the ranks read each selected byte once, no more
+
+
+def test_a_failing_rank_makes_every_rank_raise(http: RangeServer, tmp_path: Path) -> None:
+    job = {"url": http.url(NAME), "per_rank": [["lm_head.weight"], ["no.such.tensor"]], "options": {}}
+    results = run_world(2, job, tmp_path, timeout=60)
+    for result in results:
+        assert not result["ok"]
+        assert "the distributed load failed on 1 rank(s) (rank 1: TensorNotFoundError" in result["error"]
+
+
+def test_a_rank_failing_mid_load_makes_every_rank_raise(http: RangeServer, tmp_path: Path) -> None:
+    http.quirks.faults, http.quirks.fault_from = 1000, PREFETCH
+    job = {"url": http.url(NAME), "tensors": None, "options": {"header_prefetch": PREFETCH, "retries": 0}}
+    results = run_world(2, job, tmp_path, timeout=60)
+    for result in results:
+        assert not result["ok"] and "the distributed load failed on" in result["error"], result
