@@ -82,6 +82,21 @@ async def _load_located(
     return _finished(await load_raw(located, to_device(device), whole, verify), device, dtype)
 
 
+async def _split(
+    checkpoint: Checkpoint,
+    tensors: Selection,
+    device: Device,
+    dtype: torch.dtype | None,
+    verify: VerifyOption,
+    process_group: Any,
+) -> dict[str, torch.Tensor]:
+    """Split-and-exchange over ``process_group`` (True: the default group)."""
+    if verify:
+        raise ValueError("process_group= cannot be combined with verify= yet")
+    group = None if process_group is True else process_group
+    return _finished(await split_and_exchange(checkpoint, tensors, to_device(device), group), device, dtype)
+
+
 def _finished(
     outputs: Mapping[str, OutputTensor], device: Device, dtype: torch.dtype | None
 ) -> dict[str, torch.Tensor]:
@@ -225,11 +240,9 @@ async def load_file_async(
         async with open_files(url, cfg, storage_options, stats) as checkpoint:
             check_verify(checkpoint, verify)
             if process_group is not None:
-                if verify or tensor_parallel:
-                    raise ValueError("process_group= cannot be combined with verify= or tensor_parallel= yet")
-                group = None if process_group is True else process_group
-                outputs = await split_and_exchange(checkpoint, tensors, to_device(device), group)
-                return _finished(outputs, device, dtype)
+                if tensor_parallel:
+                    raise ValueError("process_group= and tensor_parallel= cannot be combined yet")
+                return await _split(checkpoint, tensors, device, dtype, verify, process_group)
             located = await checkpoint.locate(tensors)
             with reporting(checkpoint, located, progress):
                 region_of = tensor_parallel.region if tensor_parallel else whole
@@ -380,6 +393,7 @@ async def load_model_async(
     progress: ProgressOption = None,
     stats: Stats | None = None,
     verify: VerifyOption = None,
+    process_group: Any = None,
     **options: Any,
 ) -> tuple[list[str], list[str]]:
     """Load a checkpoint into ``model`` like ``safetensors.torch.load_model``, fetching only its tensors.
@@ -404,9 +418,12 @@ async def load_model_async(
         async with open_files(url, cfg, storage_options, stats) as checkpoint:
             in_file = await checkpoint.names()
             check_verify(checkpoint, verify)
-            located = await checkpoint.locate(lambda name: name in model_keys)
-            with reporting(checkpoint, located, progress):
-                state = await _load_located(located, device, dtype, verify)
+            if process_group is not None:
+                state = await _split(checkpoint, lambda name: name in model_keys, device, dtype, verify, process_group)
+            else:
+                located = await checkpoint.locate(lambda name: name in model_keys)
+                with reporting(checkpoint, located, progress):
+                    state = await _load_located(located, device, dtype, verify)
         result = model.load_state_dict(state, strict=False, assign=assign)
         missing = set(result.missing_keys)
         unexpected = [name for name in in_file if name not in model_keys]
@@ -446,6 +463,7 @@ def load_model(
     progress: ProgressOption = None,
     stats: Stats | None = None,
     verify: VerifyOption = None,
+    process_group: Any = None,
     **options: Any,
 ) -> tuple[list[str], list[str]]:
     """Sync twin of [`load_model_async`]."""
@@ -462,6 +480,7 @@ def load_model(
             progress=progress,
             stats=stats,
             verify=verify,
+            process_group=process_group,
             **options,
         )
     )

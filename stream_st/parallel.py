@@ -74,13 +74,15 @@ async def load_raw(
 
 
 def owners(sizes: list[tuple[str, int]], world_size: int) -> dict[str, int]:
-    """A balanced, deterministic assignment of tensors to ranks: largest first, to the least loaded rank."""
-    load = [0] * world_size
+    """Deterministic, balanced shares: ``sizes`` (in file order) cut into ``world_size`` consecutive runs of
+    about equal bytes. Consecutive runs leave no other rank's bytes between a rank's tensors, so gap
+    coalescing never fetches bytes another rank also fetches."""
+    total = sum(nbytes for _, nbytes in sizes) or 1
     owner: dict[str, int] = {}
-    for name, nbytes in sorted(sizes, key=lambda item: (-item[1], item[0])):
-        rank = min(range(world_size), key=lambda r: (load[r], r))
-        owner[name] = rank
-        load[rank] += nbytes
+    done = 0
+    for name, nbytes in sizes:
+        owner[name] = min(world_size - 1, (2 * done + nbytes) * world_size // (2 * total))  # by its midpoint
+        done += nbytes
     return owner
 
 
@@ -110,7 +112,7 @@ async def split_and_exchange(
     union = sorted({name for _, names in requests for name in names})
     located = await checkpoint.locate(union)
     infos = {name: file.info(name) for file, names in located.items() for name in names}
-    owner = owners([(name, info.nbytes) for name, info in infos.items()], world)
+    owner = owners([(name, info.nbytes) for name, info in infos.items()], world)  # infos is in file order
 
     # 2. Fetch our share; agree that every rank succeeded before anyone waits on a transfer.
     fetched: dict[str, OutputTensor] = {}

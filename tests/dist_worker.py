@@ -33,10 +33,34 @@ def run_rank(rank: int, world: int, port: int, job: dict[str, Any], out: str) ->
             options["tensor_parallel"] = sst.TensorParallel(rank, world, job["tensor_parallel"])
         else:
             options["process_group"] = True
-        loaded = sst.load_file(job["url"], tensors=tensors, **options)
+        if job.get("model"):
+            loaded = _load_into_model(job["url"], options)
+        else:
+            loaded = sst.load_file(job["url"], tensors=tensors, **options)
         result = {"ok": True, "tensors": {name: describe(t) for name, t in loaded.items()}}
     except Exception as exc:
         result = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
     with open(out, "w") as handle:
         json.dump(result, handle)
     dist.destroy_process_group()
+
+
+def _load_into_model(url: str, options: dict[str, Any]) -> dict[str, Any]:
+    """A module with one zero parameter per tensor of the checkpoint, filled by load_model."""
+    import torch
+
+    import stream_st as sst
+
+    header = sst.read_header(url)
+    model = torch.nn.Module()
+    for info in header:
+        module = model
+        *path, leaf = info.name.split(".")
+        for part in path:
+            if not hasattr(module, part):
+                module.add_module(part, torch.nn.Module())
+            module = getattr(module, part)
+        empty = torch.zeros(info.shape, dtype=torch.bfloat16)
+        module.register_parameter(leaf, torch.nn.Parameter(empty, requires_grad=False))
+    assert sst.load_model(model, url, **options) == ([], [])
+    return dict(model.state_dict())

@@ -61,6 +61,15 @@ def test_split_and_exchange_reads_each_byte_once(http: RangeServer, root: Path, 
     assert len([r for r in http.gets(NAME) if r.range == f"bytes=0-{PREFETCH - 1}"]) == 3  # a header read each
 
 
+def test_load_model_splits_and_exchanges(http: RangeServer, root: Path, tmp_path: Path) -> None:
+    job = {"url": http.url(NAME), "model": True, "options": {"process_group": True, "header_prefetch": PREFETCH}}
+    results = run_world(2, job, tmp_path)
+    for result in results:
+        assert result["ok"], result
+        assert result["tensors"] == expected(root)
+    assert data_bytes(http) == (root / NAME).stat().st_size - PREFETCH
+
+
 def test_ranks_asking_for_different_tensors(http: RangeServer, root: Path, tmp_path: Path) -> None:
     selections = [["model.layers.0.*"], ["model.layers.1.*", "lm_head.weight"], ["lm_head.weight"]]
     job = {"url": http.url(NAME), "per_rank": selections, "options": {"header_prefetch": PREFETCH}}
