@@ -96,3 +96,11 @@ def write_sharded(folder: Path, state: dict[str, torch.Tensor], shards: int) -> 
     (folder / "model.safetensors.index.json").write_text(json.dumps(index_doc))
     (folder / "model.safetensors.index.json").chmod(0o644)
     return weight_map
+
+
+def sharded_reference(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every shard in ``folder``, as safetensors loads them."""
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        state.update(safetensors.torch.load_file(str(shard)))
+    return state

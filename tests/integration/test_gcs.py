@@ -11,7 +11,7 @@ import safetensors.torch
 import torch
 
 import stream_st as sst
-from checkpoints import assert_same, assert_tensor_same
+from checkpoints import assert_same, assert_tensor_same, sharded_reference
 
 pytestmark = pytest.mark.gcs
 BUCKET = "stream-st-test"
@@ -19,13 +19,6 @@ BUCKET = "stream-st-test"
 
 def url(name: str) -> str:
     return f"gs://{BUCKET}/checkpoints/{name}"
-
-
-def sharded_reference(root: Path) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = {}
-    for shard in sorted((root / "sharded").glob("*.safetensors")):
-        state.update(safetensors.torch.load_file(str(shard)))
-    return state
 
 
 @pytest.mark.parametrize("direct_http", [True, False], ids=["media-url-data-plane", "gcsfs-cat-file"])
@@ -37,7 +30,7 @@ def test_bit_exact(gcs: Any, root: Path, name: str, direct_http: bool) -> None:
 
 @pytest.mark.parametrize("form", ["sharded/model.safetensors.index.json", "sharded/"])
 def test_sharded_index_and_prefix(gcs: Any, root: Path, form: str) -> None:
-    assert_same(sst.load_file(url(form), storage_options=gcs.storage_options), sharded_reference(root))
+    assert_same(sst.load_file(url(form), storage_options=gcs.storage_options), sharded_reference(root / "sharded"))
 
 
 def test_partial_load_counts_bytes_and_requests(gcs: Any, root: Path) -> None:

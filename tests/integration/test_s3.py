@@ -11,20 +11,13 @@ import safetensors.torch
 import torch
 
 import stream_st as sst
-from checkpoints import assert_same, assert_tensor_same
+from checkpoints import assert_same, assert_tensor_same, sharded_reference
 
 pytestmark = pytest.mark.s3
 
 
 def url(s3: Any, name: str) -> str:
     return f"s3://{s3.bucket}/checkpoints/{name}"
-
-
-def sharded_reference(root: Path) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = {}
-    for shard in sorted((root / "sharded").glob("*.safetensors")):
-        state.update(safetensors.torch.load_file(str(shard)))
-    return state
 
 
 @pytest.mark.parametrize("direct_http", [True, False], ids=["presigned-data-plane", "s3fs-cat-file"])
@@ -36,7 +29,7 @@ def test_bit_exact(s3: Any, root: Path, name: str, direct_http: bool) -> None:
 
 @pytest.mark.parametrize("form", ["sharded/model.safetensors.index.json", "sharded/", "sharded"])
 def test_sharded_index_and_prefix(s3: Any, root: Path, form: str) -> None:
-    assert_same(sst.load_file(url(s3, form), storage_options=s3.storage_options), sharded_reference(root))
+    assert_same(sst.load_file(url(s3, form), storage_options=s3.storage_options), sharded_reference(root / "sharded"))
 
 
 def test_partial_load_counts_bytes_and_requests(s3: Any, root: Path) -> None:
@@ -59,7 +52,7 @@ def test_partial_load_of_a_sharded_checkpoint_touches_one_shard(s3: Any, root: P
     stats = sst.Stats()
     wanted = "model.layers.3.mlp.up_proj.weight"
     loaded = sst.load_file(url(s3, "sharded/"), tensors=[wanted], storage_options=s3.storage_options, stats=stats)
-    assert_tensor_same(loaded[wanted], sharded_reference(root)[wanted])
+    assert_tensor_same(loaded[wanted], sharded_reference(root / "sharded")[wanted])
     assert stats.requests == 1 + 1 + 1  # index, the shard's header, the tensor (which follows the prefix)
 
 

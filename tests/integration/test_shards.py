@@ -7,21 +7,17 @@ import shutil
 from pathlib import Path
 
 import pytest
-import safetensors.torch
 import torch
 
 import stream_st as sst
-from checkpoints import assert_same, assert_tensor_same, layered_state
+from checkpoints import assert_same, assert_tensor_same, layered_state, sharded_reference
 from servers import RangeServer
 
 INDEX = "sharded/model.safetensors.index.json"
 
 
 def reference(root: Path) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = {}
-    for shard in sorted((root / "sharded").glob("*.safetensors")):
-        state.update(safetensors.torch.load_file(str(shard)))
-    return state
+    return sharded_reference(root / "sharded")
 
 
 def weight_map(root: Path) -> dict[str, str]:
