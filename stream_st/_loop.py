@@ -67,3 +67,16 @@ def run_sync(coro: Awaitable[T]) -> T:
             future.cancel()
             finished.wait()
         raise
+
+
+async def gather_or_cancel(*awaitables: Awaitable[T]) -> list[T]:
+    """Like ``asyncio.gather``, but the first failure cancels the others and waits for them to end (a
+    failed shard must not leave its siblings downloading)."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

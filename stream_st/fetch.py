@@ -121,6 +121,7 @@ class Engine:
                 pending = await _reap(pending, asyncio.ALL_COMPLETED)
         except BaseException:
             cancelled.set()  # workers stop at their next chunk; wait so no thread writes after we return
+            self.pool.abort()  # and those blocked on a silent socket stop now
             if pending:
                 await asyncio.wait(pending)
                 for future in pending:  # consumed: the first error is the one that propagates

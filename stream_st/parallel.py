@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ._loop import gather_or_cancel
 from .errors import FetchError
 from .header import TensorInfo
 from .regions import Region, split
@@ -64,7 +65,7 @@ async def load_raw(
     located: Mapping[RemoteFile, list[str]], device: torch.device, region_of: RegionOf, verify: Any = None
 ) -> dict[str, OutputTensor]:
     """Every group fetched concurrently as raw outputs (one engine), in file order."""
-    loads = await asyncio.gather(
+    loads = await gather_or_cancel(
         *(
             file.load([(name, region_of(file.info(name))) for name in names], verify, device)
             for file, names in located.items()

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import Any
 
 import torch
 
-from ._loop import run_sync
+from ._loop import gather_or_cancel, run_sync
 from .api import Device, finish, to_device
 from .config import Config, resolve
 from .fetch import Engine
@@ -109,7 +108,7 @@ class AsyncSafeOpen:
         for name, file in zip(wanted, files):
             located.setdefault(file, []).append(name)
         device = to_device(self._device)
-        loads = await asyncio.gather(
+        loads = await gather_or_cancel(
             *(file.load(((n, None) for n in group), None, device) for file, group in located.items())
         )
         hosts = {name: host for loaded in loads for name, host in loaded.items()}

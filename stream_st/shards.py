@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from ._loop import gather_or_cancel
 from .errors import HeaderError, TensorNotFoundError
 from .fetch import Engine
 from .remote import RemoteFile, read_whole
@@ -66,7 +67,7 @@ class Checkpoint:
         return file
 
     async def files(self, shards: Iterable[str]) -> list[RemoteFile]:
-        return list(await asyncio.gather(*(self.file(shard) for shard in shards)))
+        return await gather_or_cancel(*(self.file(shard) for shard in shards))
 
     async def names(self) -> list[str]:
         """Every tensor name: per shard in file order, shards in order (an index's order without I/O)."""

@@ -8,6 +8,7 @@ released inside ``recv_into``, so threads scale.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import logging
 import re
@@ -75,8 +76,15 @@ class ConnectionPool:
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._ssl_context: ssl.SSLContext | None = None
+        self._busy: set[http.client.HTTPConnection] = set()
 
     def acquire(self, scheme: str, host: str, port: int) -> http.client.HTTPConnection:
+        conn = self._checkout(scheme, host, port)
+        with self._lock:
+            self._busy.add(conn)
+        return conn
+
+    def _checkout(self, scheme: str, host: str, port: int) -> http.client.HTTPConnection:
         with self._lock:
             idle = self._idle.get((scheme, host, port))
             if idle:
@@ -93,7 +101,19 @@ class ConnectionPool:
 
     def release(self, scheme: str, host: str, port: int, conn: http.client.HTTPConnection) -> None:
         with self._lock:
+            self._busy.discard(conn)
             self._idle.setdefault((scheme, host, port), []).append(conn)
+
+    def abort(self) -> None:
+        """Shut down every connection in use, so that threads blocked reading it return at once (a
+        cancelled load must not wait up to ``stall_timeout`` for a silent server)."""
+        with self._lock:
+            busy, self._busy = self._busy, set()
+        for conn in busy:
+            sock = conn.sock
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         with self._lock:
