@@ -197,9 +197,9 @@ def test_hostile_header_length_fails_fast_over_http(http: RangeServer, root: Pat
 
 
 def test_cancelling_a_load_stuck_on_a_silent_server_is_prompt(http: RangeServer) -> None:
-    # The body stalls for 10 s and stall_timeout is 30 s: only aborting the blocked socket ends it sooner.
+    # The body stalls for 4 s and stall_timeout is 30 s: only aborting the blocked socket ends it sooner.
     http.quirks.faults, http.quirks.fault_kind, http.quirks.fault_from = 1, "stall", PREFETCH
-    http.quirks.stall_seconds = 10.0
+    http.quirks.stall_seconds = 4.0
     started = time.monotonic()
     with pytest.raises(TimeoutError, match="did not finish within timeout=0.5s"):
         load(http, "layered.safetensors", stall_timeout=30.0, timeout=0.5)
