@@ -11,18 +11,19 @@ import asyncio
 import inspect
 import os
 import threading
-from collections.abc import Awaitable
-from typing import TypeVar
+from collections.abc import Awaitable, Coroutine
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
 _lock = threading.Lock()
 _loop: asyncio.AbstractEventLoop | None = None
+_loop_thread: threading.Thread | None = None
 
 
 def _reset_after_fork() -> None:
-    global _loop, _lock
-    _loop, _lock = None, threading.Lock()
+    global _loop, _loop_thread, _lock
+    _loop, _loop_thread, _lock = None, None, threading.Lock()
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)
@@ -30,13 +31,13 @@ os.register_at_fork(after_in_child=_reset_after_fork)
 
 def get_loop() -> asyncio.AbstractEventLoop:
     """The IO loop, started on first use in a daemon thread."""
-    global _loop
+    global _loop, _loop_thread
     with _lock:
         if _loop is None:
             loop = asyncio.new_event_loop()
             thread = threading.Thread(target=loop.run_forever, name="stream_st-io", daemon=True)
             thread.start()
-            _loop = loop
+            _loop, _loop_thread = loop, thread
         return _loop
 
 
@@ -67,6 +68,16 @@ def run_sync(coro: Awaitable[T]) -> T:
             future.cancel()
             finished.wait()
         raise
+
+
+def close_soon(coro: Coroutine[Any, Any, None]) -> None:
+    """Run a clean-up coroutine on the IO loop: wait for it, unless we are on that loop's own thread
+    (a generator finalized there by the garbage collector), where it can only be scheduled."""
+    loop = get_loop()
+    if threading.current_thread() is _loop_thread:
+        loop.create_task(coro)
+    else:
+        run_sync(coro)
 
 
 async def gather_or_cancel(*awaitables: Awaitable[T]) -> list[T]:

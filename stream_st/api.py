@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ._loop import run_sync
+from ._loop import close_soon, run_sync
 from .config import Config, resolve
 from .fetch import Engine, Stats
 from .header import Header
@@ -303,14 +303,15 @@ async def iter_tensors_async(
 
     Tensors are fetched in batches of about ``max_inflight_bytes``; the next batch downloads while the
     caller consumes the current one, so at most about two batches are held at once (a tensor larger than
-    the budget forms a batch of its own).
+    the budget forms a batch of its own). The first batch is one part (``part_size``) long, so the first
+    tensor arrives as soon as possible.
     """
     cfg = resolve(config, options)
     async with open_files(url, cfg, storage_options, stats) as checkpoint, contextlib.AsyncExitStack() as stack:
         check_verify(checkpoint, verify)
         located = await checkpoint.locate(tensors)
         stack.enter_context(reporting(checkpoint, located, progress))
-        batches = _batches(located, cfg.max_inflight_bytes)
+        batches = _batches(located, cfg.max_inflight_bytes, min(cfg.part_size, cfg.max_inflight_bytes))
         ahead: asyncio.Task[dict[str, torch.Tensor]] | None = None
         try:
             for index, batch in enumerate(batches):
@@ -330,14 +331,19 @@ async def iter_tensors_async(
                     await ahead
 
 
-def _batches(located: Mapping[RemoteFile, list[str]], budget: int) -> list[dict[RemoteFile, list[str]]]:
-    """Consecutive groups of about ``budget`` bytes (a larger tensor forms a group of its own)."""
+def _batches(
+    located: Mapping[RemoteFile, list[str]], budget: int, first_budget: int
+) -> list[dict[RemoteFile, list[str]]]:
+    """Consecutive groups of about ``budget`` bytes (a larger tensor forms a group of its own). The first
+    group holds only about ``first_budget`` bytes, so the first tensor arrives after one part, not one
+    full batch (cold starts: time to first tensor = header round trip + one part)."""
     batches: list[dict[RemoteFile, list[str]]] = []
     size = 0
     for file, names in located.items():
         for name in names:
             nbytes = file.info(name).nbytes
-            if not batches or (size and size + nbytes > budget):
+            limit = first_budget if len(batches) == 1 else budget
+            if not batches or (size and size + nbytes > limit):
                 batches.append({})
                 size = 0
             batches[-1].setdefault(file, []).append(name)
@@ -377,7 +383,7 @@ def iter_tensors(
             except StopAsyncIteration:
                 return
     finally:
-        run_sync(agen.aclose())
+        close_soon(agen.aclose())
 
 
 async def load_model_async(

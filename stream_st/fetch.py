@@ -87,7 +87,9 @@ class Engine:
         return await asyncio.wrap_future(self._executor.submit(fn, *args))
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True)
+        # Every fetch has awaited its parts by now, so the threads are idle; waiting for them to exit
+        # would block the event loop (and deadlock if one were in a finalizer waiting on that loop).
+        self._executor.shutdown(wait=False, cancel_futures=True)
         self.pool.close()
 
     async def fetch(

@@ -160,7 +160,10 @@ class S3Server:
             # A test server holds nothing worth a long graceful shutdown: 3 s, then SIGKILL.
             env = dict(os.environ, LOCALSTACK_STOP_TIMEOUT="3")
             subprocess.run(
-                ["bash", str(STOP_SH), str(run_dir)], capture_output=True, text=True, timeout=STOP_TIMEOUT_S + 30,
+                ["bash", str(STOP_SH), str(run_dir)],
+                capture_output=True,
+                text=True,
+                timeout=STOP_TIMEOUT_S + 30,
                 env=env,
             )
             if pid is not None:

@@ -228,3 +228,20 @@ def test_sub_byte_dtype_is_a_clear_error(tmp_path: Path) -> None:
     assert sst.load_file(str(path), tensors="ok")["ok"].tolist() == [1, 2]
     with pytest.raises(sst.UnsupportedDtypeError, match="tensor 'w' has dtype F4, which this torch"):
         sst.load_file(str(path))
+
+
+def test_iter_tensors_first_batch_is_one_part(http: RangeServer) -> None:
+    import asyncio
+
+    from stream_st.api import _batches, open_files
+    from stream_st.config import Config
+
+    async def batches() -> list[list[int]]:
+        async with open_files(http.url("layered.safetensors"), Config(), None) as checkpoint:
+            located = await checkpoint.locate(None)
+            groups = _batches(located, budget=1 << 30, first_budget=65536)
+            return [[file.info(n).nbytes for n in names] for group in groups for file, names in group.items()]
+
+    sizes = asyncio.run(batches())
+    assert len(sizes) == 2  # the first tensor alone (larger than one part), then everything else
+    assert len(sizes[0]) == 1 and sizes[0][0] > 65536

@@ -89,3 +89,19 @@ def test_object_overwritten_mid_load(s3: Any) -> None:
         s3.upload(s3.bucket, key, safetensors.torch.save({"a": torch.ones(50_000), "b": torch.zeros(50_000)}))
         with pytest.raises(sst.ObjectChangedError, match=f"s3://{s3.bucket}/{key}: object changed during the load"):
             handle.get_tensor("b")
+
+
+def test_credentials_from_the_environment_as_aws_tools_find_them(
+    s3: Any, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if s3.external:
+        pytest.skip("an external endpoint has its own credentials")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", s3.region)
+    options = {k: v for k, v in s3.storage_options.items() if k not in ("key", "secret", "token")}
+    loaded = sst.load_file(url(s3, "small.safetensors"), storage_options=options)
+    assert_same(loaded, safetensors.torch.load_file(str(root / "small.safetensors")))
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    with pytest.raises(PermissionError):
+        sst.load_file(url(s3, "small.safetensors"), storage_options={**options, "skip_instance_cache": True})
