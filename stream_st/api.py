@@ -142,6 +142,8 @@ async def _with_deadline(config: Config, url: str, coro: Any) -> Any:
 def to_device(device: Device) -> torch.device:
     """``"cuda"``, ``"cuda:1"``, ``1`` or a torch.device, as a torch.device (``"cuda"`` gets its index)."""
     target = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}, but CUDA is not available to this torch ({torch.__version__})")
     if target.type == "cuda" and target.index is None:
         target = torch.device("cuda", torch.cuda.current_device())
     return target

@@ -245,3 +245,9 @@ def test_iter_tensors_first_batch_is_one_part(http: RangeServer) -> None:
     sizes = asyncio.run(batches())
     assert len(sizes) == 2  # the first tensor alone (larger than one part), then everything else
     assert len(sizes[0]) == 1 and sizes[0][0] > 65536
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without CUDA gives")
+def test_cuda_device_without_cuda_is_a_clear_error(root: Path) -> None:
+    with pytest.raises(ValueError, match="device='cuda', but CUDA is not available to this torch"):
+        sst.load_file(str(root / "small.safetensors"), device="cuda")
