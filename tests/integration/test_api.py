@@ -251,3 +251,9 @@ def test_iter_tensors_first_batch_is_one_part(http: RangeServer) -> None:
 def test_cuda_device_without_cuda_is_a_clear_error(root: Path) -> None:
     with pytest.raises(ValueError, match="device='cuda', but CUDA is not available to this torch"):
         sst.load_file(str(root / "small.safetensors"), device="cuda")
+
+
+def test_progress_bar_when_asked(http: RangeServer, capsys: pytest.CaptureFixture[str]) -> None:
+    sst.load_file(http.url("layered.safetensors"), progress=True, part_size=65536)
+    err = capsys.readouterr().err
+    assert "layered.safetensors" in err and "B/s" in err  # tqdm's bar: file name, rate
