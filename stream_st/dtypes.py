@@ -63,11 +63,3 @@ def to_torch(code: str) -> torch.dtype | None:
 
     name = _TORCH_NAMES.get(code)
     return getattr(torch, name, None) if name else None
-
-
-def from_torch(dtype: torch.dtype) -> str:
-    """The safetensors dtype code for a torch dtype."""
-    for code, name in _TORCH_NAMES.items():
-        if str(dtype) == f"torch.{name}":
-            return code
-    raise ValueError(f"torch dtype {dtype} has no safetensors code")

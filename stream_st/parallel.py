@@ -109,7 +109,7 @@ async def split_and_exchange(
         error, mine = f"{type(exc).__name__}: {exc}", []
     requests: list[Any] = [None] * world
     await collective(dist.all_gather_object, requests, (error, mine), group)
-    _raise_if_failed(url, rank, [r[0] for r in requests], error)
+    _raise_if_failed(url, [r[0] for r in requests])
     union = sorted({name for _, names in requests for name in names})
     located = await checkpoint.locate(union)
     infos = {name: file.info(name) for file, names in located.items() for name in names}
@@ -124,7 +124,7 @@ async def split_and_exchange(
         error = f"{type(exc).__name__}: {exc}"
     errors: list[Any] = [None] * world
     await collective(dist.all_gather_object, errors, error, group)
-    _raise_if_failed(url, rank, errors, error)
+    _raise_if_failed(url, errors)
 
     # 3. Exchange in one agreed order: a broadcast when every rank asked, else point-to-point sends.
     asked_by = {name: [r for r, (_, names) in enumerate(requests) if name in names] for name in union}
@@ -169,7 +169,7 @@ def _global(group: Any, rank: int) -> int:
     return dist.get_global_rank(group, rank) if group is not None else rank
 
 
-def _raise_if_failed(url: str, rank: int, errors: list[str | None], own: str | None) -> None:
+def _raise_if_failed(url: str, errors: list[str | None]) -> None:
     failed = [(r, e) for r, e in enumerate(errors) if e]
     if failed:
         detail = "; ".join(f"rank {r}: {e}" for r, e in failed)
