@@ -119,8 +119,8 @@ class Engine:
                     pending = await _reap(pending, asyncio.FIRST_COMPLETED)
                 work = self._executor.submit(self._fetch_part, source, part, destination, cancelled, landed, staging)
                 pending.add(asyncio.wrap_future(work))
-            while pending:
-                pending = await _reap(pending, asyncio.ALL_COMPLETED)
+            while pending:  # the first failure surfaces at once, not after the other parts finish
+                pending = await _reap(pending, asyncio.FIRST_EXCEPTION)
         except BaseException:
             cancelled.set()  # workers stop at their next chunk; wait so no thread writes after we return
             self.pool.abort()  # and those blocked on a silent socket stop now
