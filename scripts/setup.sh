@@ -9,6 +9,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "torch==2.13.0" -e ".[test,dev-tools]"
+# The test servers; the demo needs none of them (scripts/demo.sh sets STREAM_ST_SETUP_SERVERS=0).
+if [ "${STREAM_ST_SETUP_SERVERS:-1}" = 0 ]; then
+    exit 0
+fi
 # LocalStack (the S3 server of the tests) lives in its own venv on Python >= 3.12: localstack/README.md.
 bash localstack/install.sh || echo "setup: LocalStack could not be installed; S3 tests will be skipped" >&2
 # nginx is one of the real HTTP servers the tests use (Debian package; skipped quietly where apt is absent).
