@@ -23,8 +23,8 @@ What one run does:
    - ``stream_st``: ``stream_st.load_file(url, "cuda")`` with STREAM_ST_MAX_CONCURRENCY=16;
    - ``stream_st_pool512``: the same with a 512 MiB pinned pool (32 slots) instead of 256 MiB;
    - ``iter``: ``stream_st.iter_tensors(url, "cuda")``: time to first tensor and to the last;
-   - ``verify``: ``stream_st.load_file(url, "cuda", verify="sha256:<whole file>")`` (stream_st lands
-     the bytes in host memory to hash them, then copies: the cost of verifying on the GPU path);
+   - ``verify``: ``stream_st.load_file(url, "cuda", verify="sha256:<whole file>")`` (the bytes go to the
+     GPU as usual and are hashed in order, read back through a small host buffer: the cost of verifying);
 
 5. prints a Markdown table (GB/s, time to first tensor, peak RSS, whole-process wall) and the ratio
    stream_st ÷ min(raw ceiling, pinned H2D) (target ≥ 0.90), and writes ``gpu_results.md`` and

@@ -169,6 +169,8 @@ class Engine:
                 staged = staging.staged_part(part)
                 self._read_part(source, _PartReader(staged, lambda _: slot.view, self._gap_scratch(), cancelled, None))
                 staging.ship(slot, part)
+                if landed is not None:
+                    slot.wait_until_free()  # landed() means "readable on the device": its copy must be done
             finally:
                 staging.pool.release(slot)  # its copy may still run: the next user waits on its event
             if self.progress is not None:

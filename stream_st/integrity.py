@@ -14,7 +14,7 @@ import json
 import logging
 import threading
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -42,6 +42,24 @@ class _Crc32:
 
     def digest(self) -> bytes:
         return self._value.to_bytes(4, "big")
+
+
+class ChunkedBytes(Protocol):
+    """Bytes that are not in host memory (a GPU tensor): read back in bounded chunks to be hashed."""
+
+    def chunks(self, start: int, end: int) -> Iterator[memoryview]: ...
+
+
+Memory = memoryview | ChunkedBytes
+
+
+def feed(hasher: Hasher, memory: Memory, start: int, end: int) -> None:
+    """Hash ``memory[start:end]``."""
+    if isinstance(memory, memoryview):
+        hasher.update(memory[start:end])
+    else:
+        for chunk in memory.chunks(start, end):
+            hasher.update(chunk)
 
 
 def new_hasher(algorithm: str) -> Hasher:
@@ -89,7 +107,8 @@ def from_base64(algorithm: str, value: str, origin: str) -> Digest:
 class OrderedHasher:
     """Hashes an object's bytes in order as the parts holding them land, in any order, in memory.
 
-    ``segments`` are (start, end, memory) runs that together cover [0, size) once. ``landed(start, end)``
+    ``segments`` are (start, end, memory) runs that together cover [0, size) once; memory on a GPU is
+    read back in chunks (about 10× faster than the hash rate, and host memory stays bounded). ``landed(start, end)``
     is called from worker threads; whichever thread completes the next bytes in order hashes them, under a
     lock, while the other threads keep downloading: hashing costs only what the hash rate requires.
     """
@@ -97,7 +116,7 @@ class OrderedHasher:
     url: str
     size: int
     expected: Digest
-    segments: list[tuple[int, int, memoryview]]
+    segments: list[tuple[int, int, Memory]]
     hasher: Hasher = field(init=False)
     frontier: int = field(init=False, default=0)
     _done: list[tuple[int, int]] = field(init=False, default_factory=list)
@@ -121,7 +140,7 @@ class OrderedHasher:
         while self.frontier < end and self._next_segment < len(self.segments):
             seg_start, seg_end, memory = self.segments[self._next_segment]
             stop = min(seg_end, end)
-            self.hasher.update(memory[self.frontier - seg_start : stop - seg_start])
+            feed(self.hasher, memory, self.frontier - seg_start, stop - seg_start)
             self.frontier = stop
             if stop == seg_end:
                 self._next_segment += 1
@@ -163,13 +182,15 @@ class Sidecar:
         return Digest("sha256", bytes.fromhex(self.file_sha256), f"the sidecar {url}{SIDECAR_SUFFIX}")
 
 
-def check_tensors(url: str, sidecar: Sidecar, views: Iterable[tuple[str, memoryview]]) -> None:
-    """Compare each tensor's bytes with its sha256 in the sidecar."""
-    for name, view in views:
+def check_tensors(url: str, sidecar: Sidecar, tensors: Iterable[tuple[str, int, Memory]]) -> None:
+    """Compare each tensor's bytes (name, size, memory) with its sha256 in the sidecar."""
+    for name, size, memory in tensors:
         expected = sidecar.tensors.get(name)
         if expected is None:
             raise IntegrityError(f"{url}: the sidecar has no digest for tensor {name!r}", url=url, tensor=name)
-        got = hashlib.sha256(view).hexdigest()
+        hasher = hashlib.sha256()
+        feed(hasher, memory, 0, size)
+        got = hasher.hexdigest()
         if got != expected:
             raise IntegrityError(
                 f"{url}: tensor {name!r} has sha256 {got}, but the sidecar says {expected}", url=url, tensor=name

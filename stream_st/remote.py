@@ -4,22 +4,40 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 
 from .errors import IntegrityError, IntegrityWarning
 from .fetch import Engine
-from .gpu import DeviceStaging, shared_pool
+from .gpu import DeviceBytes, DeviceStaging, shared_pool
 from .header import LENGTH_PREFIX, Header, TensorInfo, declared_header_size, parse_header
-from .integrity import SIDECAR_SUFFIX, OrderedHasher, Sidecar, VerifyOption, check_tensors, parse_digest
+from .integrity import (
+    SIDECAR_SUFFIX,
+    Memory,
+    OrderedHasher,
+    Sidecar,
+    VerifyOption,
+    check_tensors,
+    parse_digest,
+)
 from .plan import Want
 from .regions import Region
 from .sinks import OutputTensor, output_tensor, writable_view
 from .sources import Source, open_source
 
 logger = logging.getLogger(__name__)
+
+_READ_BACK_BYTES = 4 << 20  # device→host chunk when hashing bytes on a GPU: large enough to run at copy speed
+
+
+def _hashable_memories(outputs: Mapping[str, OutputTensor], staged: bool) -> dict[str, Memory]:
+    """Each output's bytes as the hasher reads them: host memory directly, device memory in chunks."""
+    if not staged:
+        return {name: out.view() for name, out in outputs.items()}
+    bounce = torch.empty(_READ_BACK_BYTES, dtype=torch.uint8)  # one for the load: hashing is serialised
+    return {name: DeviceBytes(out.buffer, bounce) for name, out in outputs.items()}
 
 
 def _no_host_destination(key: object) -> memoryview:
@@ -83,13 +101,11 @@ class RemoteFile:
     ) -> dict[str, OutputTensor]:
         """Fetch tensors (or a region of one dimension of them) into newly allocated tensors, concurrently.
 
-        On the host, bytes land straight in the outputs. For another ``device`` they pass through the
-        shared pinned slot pool (gpu.py) unless ``verify`` needs them in host memory first (then the
-        caller moves them). With ``verify``, they are checked against a digest before being returned."""
+        On the host, bytes land straight in the outputs; for another ``device`` they pass through the
+        shared pinned slot pool (gpu.py). With ``verify``, they are checked against a digest before being
+        returned: hashed in order as parts land (read back from the device in small chunks on a GPU)."""
         requested = list(requests)
-        staged = (
-            device is not None and (device.type != "cpu" or self.stage_cpu_loads) and not verify and self.source.ranges
-        )
+        staged = device is not None and (device.type != "cpu" or self.stage_cpu_loads) and self.source.ranges
         outputs: dict[str, OutputTensor] = {}
         wants: list[Want] = []
         for name, region in requested:
@@ -104,39 +120,46 @@ class RemoteFile:
             spans = region.spans(info) if region else [(info.start, info.end, 0)]
             for start, end, offset in spans:
                 wants.extend(self._take_from_prefix(Want(name, start, end, offset), out.buffer))
-        if staged:
-            assert device is not None
-            await self._fetch_to_device(wants, {name: out.buffer for name, out in outputs.items()}, device)
-            return outputs
-        views = {name: out.view() for name, out in outputs.items()}
+        memories = _hashable_memories(outputs, staged) if verify else {}
         sliced = {name for name, region in requested if region}
         whole = len(outputs) == len(self.header) and not sliced
-        hasher = await self._whole_file_hasher(verify, views) if verify and whole else None
+        hasher = await self._whole_file_hasher(verify, memories) if verify and whole else None
         sidecar = await self._sidecar_for_partial(verify) if verify and not whole else None
         if verify and sliced:
             self._unverifiable(verify, f"{len(sliced)} tensor(s) were sliced, and digests cover whole tensors")
-        await self.engine.fetch(self.source, wants, lambda key: views[str(key)], hasher.landed if hasher else None)
+        landed = hasher.landed if hasher else None
+        if staged:
+            assert device is not None
+            await self._fetch_to_device(wants, {name: out.buffer for name, out in outputs.items()}, device, landed)
+        else:
+            views = {name: out.view() for name, out in outputs.items()}
+            await self.engine.fetch(self.source, wants, lambda key: views[str(key)], landed)
         self.source.check_unchanged()
         if hasher is not None:
             hasher.check()
         if sidecar is not None:
-            checked = [(name, view) for name, view in views.items() if name not in sliced]
+            checked = [(name, outputs[name].buffer.numel(), memories[name]) for name in outputs if name not in sliced]
             await self.engine.run(check_tensors, self.url, sidecar, checked)
         return outputs
 
-    async def _fetch_to_device(self, wants: list[Want], buffers: dict[str, torch.Tensor], device: torch.device) -> None:
+    async def _fetch_to_device(
+        self,
+        wants: list[Want],
+        buffers: dict[str, torch.Tensor],
+        device: torch.device,
+        landed: Callable[[int, int], None] | None,
+    ) -> None:
         config = self.engine.config
         pool = shared_pool(config.part_size, config.pinned_pool_bytes, pinned=device.type == "cuda")
         staging = DeviceStaging(buffers, device, pool)
         try:
-            await self.engine.fetch(self.source, wants, _no_host_destination, staging=staging)
+            await self.engine.fetch(self.source, wants, _no_host_destination, landed, staging)
         finally:
             # Wait for every queued copy, on success and on failure alike: the caller must not see a
             # half-copied tensor, nor may memory still being copied into be freed.
             await self.engine.run(staging.finish)
-        self.source.check_unchanged()
 
-    async def _whole_file_hasher(self, verify: VerifyOption, views: dict[str, memoryview]) -> OrderedHasher:
+    async def _whole_file_hasher(self, verify: VerifyOption, memories: Mapping[str, Memory]) -> OrderedHasher:
         """A hasher over the whole object: header bytes, then every tensor where it lands."""
         if isinstance(verify, str) and verify != "strict":
             expected = parse_digest(verify)
@@ -152,8 +175,8 @@ class RemoteFile:
                     url=self.url,
                 )
             expected = found
-        segments = [(0, self.header.data_start, self.header_bytes())]
-        segments += [(info.start, info.end, views[info.name]) for info in self.header if info.nbytes]
+        segments: list[tuple[int, int, Memory]] = [(0, self.header.data_start, self.header_bytes())]
+        segments += [(info.start, info.end, memories[info.name]) for info in self.header if info.nbytes]
         hasher = OrderedHasher(self.url, self.header.file_size, expected, segments)
         hasher.landed(0, len(self._prefix))  # the header, and tensor bytes copied from the prefix
         return hasher

@@ -4,7 +4,10 @@ marked ``cuda`` run it for real on a GPU and skip elsewhere."""
 
 from __future__ import annotations
 
-import resource
+import hashlib
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -108,19 +111,65 @@ def test_cuda_many_small_and_few_huge_tensors_reuse_slots(http: RangeServer, roo
         path.unlink()
 
 
+# Run in a fresh process, and read VmHWM (the peak RSS of this process image): ru_maxrss would carry the
+# test process's peak over fork and exec.
+_BOUNDED_LOAD = """
+import json, re, sys, torch, stream_st as sst
+def peak() -> int:
+    with open("/proc/self/status") as status:
+        return int(re.search(r"VmHWM:\\s+(\\d+) kB", status.read()).group(1)) << 10
+url, options = sys.argv[1], json.loads(sys.argv[2])
+device = options.pop("device")
+torch.zeros(1, device=device)  # CUDA's own host memory belongs to the baseline
+before = peak()
+state = sst.load_file(url, device, **options)
+print(json.dumps({"grown": peak() - before, "bytes": sum(t.numel() * t.element_size() for t in state.values())}))
+"""
+
+
+def peak_rss_growth(url: str, options: dict[str, object]) -> tuple[int, int]:
+    """(peak host RSS growth, bytes loaded) of one load_file in a fresh process."""
+    ran = subprocess.run(
+        [sys.executable, "-c", _BOUNDED_LOAD, url, json.dumps(options)], capture_output=True, text=True, timeout=120
+    )
+    assert ran.returncode == 0, ran.stderr
+    measured = json.loads(ran.stdout.splitlines()[-1])
+    return measured["grown"], measured["bytes"]
+
+
+@pytest.fixture()
+def big_checkpoint(root: Path) -> Iterator[Path]:
+    path = write(root / "bounded.safetensors", layered_state(layers=16, width=1024))  # ~100 MB of bf16
+    yield path
+    path.unlink()
+
+
+def test_the_rss_probe_sees_a_host_load(http: RangeServer, big_checkpoint: Path) -> None:
+    """The control for the bound below: a CPU load's peak growth is the checkpoint, and the probe sees it."""
+    grown, loaded = peak_rss_growth(http.url(big_checkpoint.name), {"device": "cpu", "part_size": 1 << 20})
+    assert loaded > big_checkpoint.stat().st_size - 100_000
+    assert grown > 0.9 * loaded
+
+
 @cuda
-def test_cuda_host_memory_stays_bounded_by_the_pool(http: RangeServer, root: Path) -> None:
-    """A checkpoint 8× the pinned pool: peak host RSS grows by about the pool, not the checkpoint."""
-    state = layered_state(layers=16, width=1024)  # ~100 MB of bf16
-    path = write(root / "bounded.safetensors", state)
-    try:
-        del state
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
-        loaded = sst.load_file(http.url(path.name), "cuda", part_size=1 << 20, pinned_pool_bytes=12 << 20)
-        grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10) - before
-        size = path.stat().st_size
-        assert size > 8 * (12 << 20)
-        assert grown < size / 2, f"host RSS grew {grown} bytes for a {size}-byte checkpoint"
-        assert_same(loaded, safetensors.torch.load_file(str(path), device="cuda"))
-    finally:
-        path.unlink()
+@pytest.mark.parametrize("verify", [False, True], ids=["plain", "verify"])
+def test_cuda_host_memory_stays_bounded_by_the_pool(http: RangeServer, big_checkpoint: Path, verify: bool) -> None:
+    """A checkpoint 8× the pinned pool: peak host RSS grows by about the pool, not the checkpoint, also
+    when every byte is hashed (read back from the GPU in small chunks)."""
+    size = big_checkpoint.stat().st_size
+    options: dict[str, object] = {"device": "cuda", "part_size": 1 << 20, "pinned_pool_bytes": 12 << 20}
+    if verify:
+        options["verify"] = "sha256:" + hashlib.sha256(big_checkpoint.read_bytes()).hexdigest()
+    grown, loaded = peak_rss_growth(http.url(big_checkpoint.name), options)
+    assert size > 8 * (12 << 20) and loaded > size - 100_000
+    assert grown < size / 2, f"host RSS grew {grown} bytes for a {size}-byte checkpoint"
+
+
+@cuda
+def test_cuda_verify_checks_the_bytes_on_the_gpu(http: RangeServer, root: Path) -> None:
+    url = http.url("layered.safetensors")
+    digest = "sha256:" + hashlib.sha256((root / "layered.safetensors").read_bytes()).hexdigest()
+    loaded = sst.load_file(url, "cuda", verify=digest, part_size=65536, header_prefetch=4096)
+    assert_same(loaded, safetensors.torch.load_file(str(root / "layered.safetensors"), device="cuda"))
+    with pytest.raises(sst.IntegrityError, match="sha256 of the streamed bytes is"):
+        sst.load_file(url, "cuda", verify="sha256:" + "0" * 64, part_size=65536)

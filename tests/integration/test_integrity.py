@@ -16,19 +16,29 @@ import safetensors.torch
 import stream_st as sst
 from checkpoints import assert_same, layered_state, write
 from servers import RangeServer
+from stream_st import gpu, remote
 from stream_st.cli import main
 from stream_st.errors import IntegrityError, IntegrityWarning
+from stream_st.remote import RemoteFile
 
 
-@pytest.fixture()
-def served(tmp_path: Path) -> Any:
-    """A folder of its own (files get corrupted here), served over HTTP."""
+@pytest.fixture(params=["host", "staged"])
+def served(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A folder of its own (files get corrupted here), served over HTTP; loads land in host memory, or
+    pass through the device path's slot pool (as on a GPU: hashed from the destination, read back)."""
+    if request.param == "staged":
+        monkeypatch.setattr(RemoteFile, "stage_cpu_loads", True)
+        monkeypatch.setattr(gpu, "_pools", {})
+        monkeypatch.setattr(remote, "_READ_BACK_BYTES", 1000)  # many read-back chunks, odd boundaries
     folder = tmp_path / "served"
     folder.mkdir()
     write(folder / "model.safetensors", layered_state())
     server = RangeServer(folder)
     yield server, folder
     server.stop()
+    if request.param == "staged":
+        (pool,) = gpu._pools.values()  # the loads did pass through the slots, and gave every one back
+        assert pool.allocated >= 1 and pool.idle == pool.allocated
 
 
 def flip_byte(path: Path, offset: int) -> None:
@@ -147,5 +157,6 @@ def test_hashing_sees_every_byte_in_order_whatever_order_parts_land(served: Any)
         part_size=4096,
         max_concurrency=8,
         header_prefetch=1024,
+        pinned_pool_bytes=3 * 4096,  # staged: fewer slots than threads
     )
     assert_same(loaded, safetensors.torch.load_file(str(path)))
