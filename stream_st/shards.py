@@ -79,9 +79,8 @@ class Checkpoint:
         """The selected tensors grouped by the opened file that holds them, each group in file order."""
         names = select(await self.names(), wanted, url=self.url)
         if self._weight_map is None:
-            by_shard = {
-                file: [n for n in file.header.offset_keys() if n in set(names)] for file in self._files.values()
-            }
+            chosen = set(names)
+            by_shard = {file: [n for n in file.header.offset_keys() if n in chosen] for file in self._files.values()}
             return {file: group for file, group in by_shard.items() if group}
         shards: dict[str, set[str]] = {}
         for name in names:
