@@ -376,6 +376,7 @@ def iter_tensors(
         config=config,
         progress=progress,
         stats=stats,
+        verify=verify,
         **options,
     )
     try:

@@ -4,6 +4,7 @@ byte on the server raises IntegrityError and returns nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import shutil
 import warnings
@@ -160,3 +161,25 @@ def test_hashing_sees_every_byte_in_order_whatever_order_parts_land(served: Any)
         pinned_pool_bytes=3 * 4096,  # staged: fewer slots than threads
     )
     assert_same(loaded, safetensors.torch.load_file(str(path)))
+
+
+def test_iter_tensors_verifies_each_batch(served: Any) -> None:
+    """iter_tensors (sync and async) checks each batch against the sidecar's per-tensor digests."""
+    server, folder = served
+    path = folder / "model.safetensors"
+    url = server.url("model.safetensors")
+    with pytest.warns(IntegrityWarning, match="a partial load cannot be checked"):
+        list(sst.iter_tensors(url, verify=True, max_inflight_bytes=100_000))
+    assert main(["digest", str(path), "--output-dir", str(folder)]) == 0
+    expected = safetensors.torch.load_file(str(path))
+    assert_same(dict(sst.iter_tensors(url, verify="strict", max_inflight_bytes=100_000)), expected)
+    flip_byte(path, sst.read_header(str(path)).tensors["lm_head.weight"].start + 7)
+    with pytest.raises(IntegrityError, match="tensor 'lm_head.weight' has sha256"):
+        list(sst.iter_tensors(url, verify=True, max_inflight_bytes=100_000))
+
+    async def drain() -> None:
+        async for _ in sst.iter_tensors_async(url, verify=True, max_inflight_bytes=100_000):
+            pass
+
+    with pytest.raises(IntegrityError, match="tensor 'lm_head.weight' has sha256"):
+        asyncio.run(drain())
