@@ -16,7 +16,7 @@ from .config import Config, resolve
 from .fetch import Engine, Stats
 from .header import Header
 from .integrity import VerifyOption, parse_digest
-from .parallel import TensorParallel, load_raw, split_and_exchange, whole
+from .parallel import RegionOf, SplitLoad, TensorParallel, load_raw, whole, with_regions
 from .progress import ProgressOption, make_progress
 from .remote import RemoteFile
 from .select import Selection
@@ -79,7 +79,12 @@ async def _load_located(
     located: Mapping[RemoteFile, list[str]], device: Device, dtype: torch.dtype | None, verify: VerifyOption = None
 ) -> dict[str, torch.Tensor]:
     """Fetch every group concurrently (one engine), return tensors shard by shard in file order."""
-    return _finished(await load_raw(located, to_device(device), whole, verify), device, dtype)
+    return _finished(await load_raw(with_regions(located), to_device(device), verify), device, dtype)
+
+
+def _split_load(checkpoint: Checkpoint, device: Device, process_group: Any) -> SplitLoad:
+    """A split-and-exchange load over ``process_group`` (True: the default group)."""
+    return SplitLoad(checkpoint, to_device(device), None if process_group is True else process_group)
 
 
 async def _split(
@@ -89,12 +94,12 @@ async def _split(
     dtype: torch.dtype | None,
     verify: VerifyOption,
     process_group: Any,
+    region_of: RegionOf = whole,
 ) -> dict[str, torch.Tensor]:
-    """Split-and-exchange over ``process_group`` (True: the default group)."""
-    if verify:
-        raise ValueError("process_group= cannot be combined with verify= yet")
-    group = None if process_group is True else process_group
-    return _finished(await split_and_exchange(checkpoint, tensors, to_device(device), group), device, dtype)
+    """Everything asked for, split and exchanged; this rank's slices (``region_of``) fetched by itself."""
+    split = _split_load(checkpoint, device, process_group)
+    await split.agree(tensors, region_of)
+    return _finished(await split.run(split.union, verify, with_own_slices=True), device, dtype)
 
 
 def _finished(
@@ -241,14 +246,12 @@ async def load_file_async(
     async def load() -> dict[str, torch.Tensor]:
         async with open_files(url, cfg, storage_options, stats) as checkpoint:
             check_verify(checkpoint, verify)
+            region_of = tensor_parallel.region if tensor_parallel else whole
             if process_group is not None:
-                if tensor_parallel:
-                    raise ValueError("process_group= and tensor_parallel= cannot be combined yet")
-                return await _split(checkpoint, tensors, device, dtype, verify, process_group)
+                return await _split(checkpoint, tensors, device, dtype, verify, process_group, region_of)
             located = await checkpoint.locate(tensors)
             with reporting(checkpoint, located, progress):
-                region_of = tensor_parallel.region if tensor_parallel else whole
-                outputs = await load_raw(located, to_device(device), region_of, verify)
+                outputs = await load_raw(with_regions(located, region_of), to_device(device), verify)
                 return _finished(outputs, device, dtype)
 
     return await _with_deadline(cfg, url, load())  # type: ignore[no-any-return]
@@ -299,6 +302,7 @@ async def iter_tensors_async(
     progress: ProgressOption = None,
     stats: Stats | None = None,
     verify: VerifyOption = None,
+    process_group: Any = None,
     **options: Any,
 ) -> AsyncGenerator[tuple[str, torch.Tensor], None]:
     """Yield ``(name, tensor)`` in file order while later tensors download, with bounded memory.
@@ -306,24 +310,35 @@ async def iter_tensors_async(
     Tensors are fetched in batches of about ``max_inflight_bytes``; the next batch downloads while the
     caller consumes the current one, so at most about two batches are held at once (a tensor larger than
     the budget forms a batch of its own). The first batch is one part (``part_size``) long, so the first
-    tensor arrives as soon as possible.
+    tensor arrives as soon as possible. With ``process_group=`` (see [`load_file_async`]) every batch is
+    split between the ranks and exchanged; every rank must then consume the whole iterator.
     """
     cfg = resolve(config, options)
     async with open_files(url, cfg, storage_options, stats) as checkpoint, contextlib.AsyncExitStack() as stack:
         check_verify(checkpoint, verify)
-        located = await checkpoint.locate(tensors)
-        stack.enter_context(reporting(checkpoint, located, progress))
+        if process_group is not None:
+            split = _split_load(checkpoint, device, process_group)
+            await split.agree(tensors)
+            located: Mapping[RemoteFile, list[str]] = split.union
+
+            async def load_batch(batch: Mapping[RemoteFile, list[str]]) -> dict[str, torch.Tensor]:
+                return _finished(await split.run(batch, verify), device, dtype)
+        else:
+            located = await checkpoint.locate(tensors)
+            stack.enter_context(reporting(checkpoint, located, progress))
+
+            async def load_batch(batch: Mapping[RemoteFile, list[str]]) -> dict[str, torch.Tensor]:
+                return await _load_located(batch, device, dtype, verify)
+
         batches = _batches(located, cfg.max_inflight_bytes, min(cfg.part_size, cfg.max_inflight_bytes))
         ahead: asyncio.Task[dict[str, torch.Tensor]] | None = None
         try:
             for index, batch in enumerate(batches):
-                current = (
-                    ahead if ahead is not None else asyncio.ensure_future(_load_located(batch, device, dtype, verify))
-                )
+                current = ahead if ahead is not None else asyncio.ensure_future(load_batch(batch))
                 loaded = await current
                 ahead = None
                 if index + 1 < len(batches):
-                    ahead = asyncio.ensure_future(_load_located(batches[index + 1], device, dtype, verify))
+                    ahead = asyncio.ensure_future(load_batch(batches[index + 1]))
                 for name in list(loaded):
                     yield name, loaded.pop(name)
         finally:
@@ -364,6 +379,7 @@ def iter_tensors(
     progress: ProgressOption = None,
     stats: Stats | None = None,
     verify: VerifyOption = None,
+    process_group: Any = None,
     **options: Any,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Sync twin of [`iter_tensors_async`]; closing the iterator early cancels what is in flight."""
@@ -377,6 +393,7 @@ def iter_tensors(
         progress=progress,
         stats=stats,
         verify=verify,
+        process_group=process_group,
         **options,
     )
     try:

@@ -2,10 +2,12 @@
 
 * ``TensorParallel(rank, world_size, {"*.q_proj.weight": 0, "*.o_proj.weight": 1})``: each rank fetches
   only its chunk (as ``torch.chunk``) of the matching tensors, along the given dimension.
-* ``process_group=``: every rank fetches a disjoint, balanced share of the tensors the ranks asked for,
-  then the owners send them to the ranks that asked (broadcast when all did), so storage serves each
-  byte once (each rank still reads the headers). All ranks agree on failures before exchanging, so a
-  rank that fails makes every rank raise instead of leaving the others waiting.
+* ``process_group=``: the tensors the ranks asked for (whole) are cut into consecutive runs of about equal
+  bytes, a tensor that a cut falls in split between rows; every rank fetches its run, then the owners
+  send each piece to the ranks that asked (broadcast when all did), so storage serves each byte once
+  (each rank still reads the headers). Tensors a rank takes a tensor-parallel slice of are its own to
+  fetch. All ranks agree on failures before exchanging and after verifying, so a rank that fails makes
+  every rank raise instead of leaving the others waiting.
 """
 
 from __future__ import annotations
@@ -19,13 +21,13 @@ from typing import Any
 import torch
 
 from ._loop import gather_or_cancel
-from .errors import FetchError
+from .errors import FetchError, IntegrityError, StreamSTError
 from .header import TensorInfo
 from .regions import Region, split
 from .remote import RemoteFile
 from .select import Selection
 from .shards import Checkpoint
-from .sinks import OutputTensor
+from .sinks import OutputTensor, output_tensor
 
 RegionOf = Callable[[TensorInfo], Region | None]
 
@@ -61,91 +63,206 @@ def whole(_: TensorInfo) -> Region | None:
     return None
 
 
-async def load_raw(
-    located: Mapping[RemoteFile, list[str]], device: torch.device, region_of: RegionOf, verify: Any = None
-) -> dict[str, OutputTensor]:
-    """Every group fetched concurrently as raw outputs (one engine), in file order."""
-    loads = await gather_or_cancel(
-        *(
-            file.load([(name, region_of(file.info(name))) for name in names], verify, device)
-            for file, names in located.items()
-        )
-    )
-    return {name: outputs.pop(name) for names, outputs in zip(located.values(), loads) for name in names}
+Requests = Mapping[RemoteFile, list[tuple[str, Region | None]]]
 
 
-def owners(sizes: list[tuple[str, int]], world_size: int) -> dict[str, int]:
-    """Deterministic, balanced shares: ``sizes`` (in file order) cut into ``world_size`` consecutive runs of
-    about equal bytes. Consecutive runs leave no other rank's bytes between a rank's tensors, so gap
-    coalescing never fetches bytes another rank also fetches."""
-    total = sum(nbytes for _, nbytes in sizes) or 1
-    owner: dict[str, int] = {}
+def with_regions(located: Mapping[RemoteFile, list[str]], region_of: RegionOf = whole) -> Requests:
+    return {file: [(name, region_of(file.info(name))) for name in names] for file, names in located.items()}
+
+
+async def load_raw(requests: Requests, device: torch.device, verify: Any = None) -> dict[str, OutputTensor]:
+    """Every file's requests fetched concurrently as raw outputs (one engine), in file order."""
+    loads = await gather_or_cancel(*(file.load(wanted, verify, device) for file, wanted in requests.items()))
+    return {name: outputs.pop(name) for wanted, outputs in zip(requests.values(), loads) for name, _ in wanted}
+
+
+@dataclass(frozen=True)
+class Share:
+    """Rows [start, stop) of dim 0 of tensor ``name``, fetched by ``rank`` (``whole``: all of the tensor)."""
+
+    name: str
+    rank: int
+    start: int
+    stop: int
+    whole: bool
+
+
+def shares(tensors: list[tuple[str, int, int]], world_size: int, min_split: int) -> dict[str, list[Share]]:
+    """Cut ``tensors`` ((name, bytes, rows of dim 0), in file order) into ``world_size`` consecutive runs of
+    about equal bytes: deterministic, so every rank computes the same. A tensor of at least ``min_split``
+    bytes that a cut falls in is split there, at the nearest row; smaller ones go whole to the run holding
+    their midpoint. Consecutive runs leave no other rank's bytes between a rank's pieces, so gap coalescing
+    never fetches bytes another rank also fetches."""
+    total = sum(nbytes for _, nbytes, _ in tensors) or 1
+
+    def rank_of(start: int, end: int) -> int:  # the run holding the midpoint
+        return min(world_size - 1, (start + end) * world_size // (2 * total))
+
+    result: dict[str, list[Share]] = {}
     done = 0
-    for name, nbytes in sizes:
-        owner[name] = min(world_size - 1, (2 * done + nbytes) * world_size // (2 * total))  # by its midpoint
+    for name, nbytes, rows in tensors:
+        cuts = [0]
+        if nbytes >= min_split and rows > 1 and nbytes % rows == 0:
+            row_bytes = nbytes // rows
+            for boundary in (r * total // world_size for r in range(1, world_size)):
+                row = (2 * (boundary - done) + row_bytes) // (2 * row_bytes)  # nearest row
+                if cuts[-1] < row < rows:
+                    cuts.append(row)
+        cuts.append(rows)
+        row_bytes = nbytes // rows if rows else 0
+        pieces: list[Share] = []
+        for start, stop in zip(cuts, cuts[1:]):
+            rank = rank_of(done + start * row_bytes, done + stop * row_bytes)
+            if pieces and pieces[-1].rank == rank:
+                start = pieces.pop().start
+            pieces.append(Share(name, rank, start, stop, False))
+        if len(pieces) == 1:
+            pieces = [Share(name, rank_of(done, done + nbytes), 0, rows, True)]
+        result[name] = pieces
         done += nbytes
-    return owner
-
-
-async def split_and_exchange(
-    checkpoint: Checkpoint, selection: Selection, device: torch.device, group: Any
-) -> dict[str, OutputTensor]:
-    """Fetch this rank's share of what all ranks asked for, then exchange; returns what this rank asked."""
-    import torch.distributed as dist
-
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    url = checkpoint.url
-
-    async def collective(fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.to_thread(fn, *args)
-
-    # 1. Agree on what everyone asked for (a rank whose request failed sends its error instead).
-    error: str | None = None
-    located: Mapping[RemoteFile, list[str]] = {}
-    try:
-        located = await checkpoint.locate(selection)
-        mine = [name for names in located.values() for name in names]
-    except Exception as exc:  # shared, then raised on every rank
-        error, mine = f"{type(exc).__name__}: {exc}", []
-    requests: list[Any] = [None] * world
-    await collective(dist.all_gather_object, requests, (error, mine), group)
-    _raise_if_failed(url, [r[0] for r in requests])
-    union = sorted({name for _, names in requests for name in names})
-    located = await checkpoint.locate(union)
-    infos = {name: file.info(name) for file, names in located.items() for name in names}
-    owner = owners([(name, info.nbytes) for name, info in infos.items()], world)  # infos is in file order
-
-    # 2. Fetch our share; agree that every rank succeeded before anyone waits on a transfer.
-    fetched: dict[str, OutputTensor] = {}
-    try:
-        ours = {file: [n for n in names if owner[n] == rank] for file, names in located.items()}
-        fetched = await load_raw({f: n for f, n in ours.items() if n}, device, whole)
-    except Exception as exc:
-        error = f"{type(exc).__name__}: {exc}"
-    errors: list[Any] = [None] * world
-    await collective(dist.all_gather_object, errors, error, group)
-    _raise_if_failed(url, errors)
-
-    # 3. Exchange in one agreed order: a broadcast when every rank asked, else point-to-point sends.
-    asked_by = {name: [r for r, (_, names) in enumerate(requests) if name in names] for name in union}
-    result: dict[str, OutputTensor] = {}
-    for file, names in located.items():
-        for name in names:
-            info, source = infos[name], owner[name]
-            if rank != source and rank not in asked_by[name]:
-                continue  # only in a point-to-point exchange, which does not involve us
-            out = fetched.get(name) or _empty_output(file, info, device)
-            if info.nbytes:
-                await collective(_transfer, out.buffer, source, asked_by[name], rank, world, group)
-            if rank in asked_by[name]:
-                result[name] = out
     return result
 
 
-def _empty_output(file: RemoteFile, info: TensorInfo, device: torch.device) -> OutputTensor:
-    from .sinks import output_tensor
+class SplitLoad:
+    """One split-and-exchange load over a torch.distributed group; every rank makes the same calls.
 
-    return output_tensor(info, info.shape, url=file.url, device=device)
+    ``agree`` learns what every rank asked for; ``run`` then fetches this rank's share of some of those
+    tensors (all of them, or one batch of ``iter_tensors``), exchanges them and returns this rank's.
+    """
+
+    def __init__(self, checkpoint: Checkpoint, device: torch.device, group: Any) -> None:
+        import torch.distributed as dist
+
+        self.checkpoint, self.device, self.group = checkpoint, device, group
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        self.asked_by: dict[str, list[int]] = {}
+        self.union: dict[RemoteFile, list[str]] = {}  # what some rank asked for whole, by file, in file order
+        self.alone: dict[RemoteFile, list[tuple[str, Region | None]]] = {}  # this rank's own slices
+
+    async def agree(self, selection: Selection, region_of: RegionOf = whole) -> None:
+        """Learn what every rank asked for (a rank whose request failed sends its error instead)."""
+        error: str | None = None
+        mine: list[str] = []
+        try:
+            for file, names in (await self.checkpoint.locate(selection)).items():
+                for name in names:
+                    region = region_of(file.info(name))
+                    if region is None:
+                        mine.append(name)
+                    else:
+                        self.alone.setdefault(file, []).append((name, region))
+        except Exception as exc:  # shared, then raised on every rank
+            error = _describe(exc)
+        requests = await self._all_gather((error, mine))
+        self._raise_if_failed([failure for failure, _ in requests])
+        asked = [set(names) for _, names in requests]
+        wanted = set().union(*asked)
+        if wanted:
+            self.union = await self.checkpoint.locate(lambda name: name in wanted)
+        self.asked_by = {name: [r for r in range(self.world) if name in asked[r]] for name in wanted}
+
+    async def run(
+        self, part: Mapping[RemoteFile, list[str]], verify: Any = None, *, with_own_slices: bool = False
+    ) -> dict[str, OutputTensor]:
+        """Fetch our share of ``part`` (a subset of ``union``; and our own slices), exchange, verify; returns
+        what this rank asked for, in file order."""
+        infos = {name: file.info(name) for file, names in part.items() for name in names}
+        min_split = self.checkpoint.engine.config.part_size  # smaller tensors are not worth a collective each
+        plan = shares([(n, i.nbytes, i.shape[0] if i.shape else 1) for n, i in infos.items()], self.world, min_split)
+
+        # 1. Fetch our pieces; agree that every rank succeeded before anyone waits on a transfer.
+        error: str | None = None
+        fetched: dict[str, OutputTensor] = {}
+        sliced: dict[str, OutputTensor] = {}
+        try:
+            ours = {
+                file: [(share.name, _region(share)) for n in names for share in plan[n] if share.rank == self.rank]
+                for file, names in part.items()
+            }
+            loads = [load_raw({f: wanted for f, wanted in ours.items() if wanted}, self.device)]
+            if with_own_slices and self.alone:
+                loads.append(load_raw(self.alone, self.device, verify))
+            loaded = await gather_or_cancel(*loads)
+            fetched, sliced = loaded[0], loaded[1] if len(loaded) > 1 else {}
+        except Exception as exc:
+            error = _describe(exc)
+        self._raise_if_failed(await self._all_gather(error))
+
+        # 2. Exchange, piece by piece, in the one order every rank follows.
+        received: dict[str, OutputTensor] = {}
+        for file, names in part.items():
+            for name in names:
+                out = await self._exchange(file, infos[name], plan[name], fetched.get(name))
+                if out is not None:
+                    received[name] = out
+
+        # 3. Verify what we hold now, and agree on the outcome.
+        if verify:
+            error = None
+            try:
+                for file, names in part.items():
+                    held = {name: received[name] for name in names if name in received}
+                    if held:
+                        await file.verify_loaded(verify, held)
+            except Exception as exc:
+                error = _describe(exc)
+            self._raise_if_failed(await self._all_gather(error), IntegrityError)
+        files = self.checkpoint.in_order([*part, *(self.alone if with_own_slices else {})])
+        both = {**received, **sliced}
+        return {name: both[name] for file in files for name in file.header.offset_keys() if name in both}
+
+    async def _exchange(
+        self, file: RemoteFile, info: TensorInfo, pieces: list[Share], fetched: OutputTensor | None
+    ) -> OutputTensor | None:
+        """Send our piece of one tensor to the ranks that asked for it, receive the others' pieces;
+        returns the whole tensor if this rank asked for it."""
+        receivers = self.asked_by[info.name]
+        asked = self.rank in receivers
+        if fetched is not None and pieces[0].whole:
+            full: OutputTensor | None = fetched
+        elif asked:
+            full = output_tensor(info, info.shape, url=file.url, device=self.device)
+        else:
+            full = None
+        if not info.nbytes:
+            return full if asked else None
+        row_bytes = info.nbytes // max(1, pieces[-1].stop)
+        for share in pieces:
+            source = share.rank
+            if self.rank != source and not asked:
+                continue  # a point-to-point exchange that does not involve us
+            if self.rank == source:
+                assert fetched is not None
+                buffer = fetched.buffer
+                if full is not None and full is not fetched:  # our rows of a split tensor we also keep
+                    full.buffer[share.start * row_bytes : share.stop * row_bytes].copy_(buffer)
+            else:
+                assert full is not None
+                buffer = full.buffer if share.whole else full.buffer[share.start * row_bytes : share.stop * row_bytes]
+            await asyncio.to_thread(_transfer, buffer, source, receivers, self.rank, self.world, self.group)
+        return full if asked else None
+
+    async def _all_gather(self, value: Any) -> list[Any]:
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * self.world
+        await asyncio.to_thread(dist.all_gather_object, gathered, value, self.group)
+        return gathered
+
+    def _raise_if_failed(self, errors: list[str | None], error: type[StreamSTError] = FetchError) -> None:
+        failed = [(r, e) for r, e in enumerate(errors) if e]
+        if failed:
+            url = self.checkpoint.url
+            detail = "; ".join(f"rank {r}: {e}" for r, e in failed)
+            raise error(f"{url}: the distributed load failed on {len(failed)} rank(s) ({detail})", url=url)
+
+
+def _region(share: Share) -> Region | None:
+    return None if share.whole else Region(0, share.start, share.stop)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _transfer(buffer: torch.Tensor, source: int, receivers: list[int], rank: int, world: int, group: Any) -> None:
@@ -167,10 +284,3 @@ def _global(group: Any, rank: int) -> int:
     import torch.distributed as dist
 
     return dist.get_global_rank(group, rank) if group is not None else rank
-
-
-def _raise_if_failed(url: str, errors: list[str | None]) -> None:
-    failed = [(r, e) for r, e in enumerate(errors) if e]
-    if failed:
-        detail = "; ".join(f"rank {r}: {e}" for r, e in failed)
-        raise FetchError(f"{url}: the distributed load failed on {len(failed)} rank(s) ({detail})", url=url)

@@ -142,6 +142,20 @@ class RemoteFile:
             await self.engine.run(check_tensors, self.url, sidecar, checked)
         return outputs
 
+    async def verify_loaded(self, verify: VerifyOption, outputs: Mapping[str, OutputTensor]) -> None:
+        """Check whole tensors loaded some other way (received from another rank): all of the file against
+        its digest, or each against the sidecar; a partial load without a sidecar warns or fails."""
+        memories = _hashable_memories(outputs, staged=any(o.buffer.device.type != "cpu" for o in outputs.values()))
+        if len(outputs) == len(self.header):
+            hasher = await self._whole_file_hasher(verify, memories)
+            await self.engine.run(hasher.landed, 0, self.header.file_size)
+            hasher.check()
+            return
+        sidecar = await self._sidecar_for_partial(verify)
+        if sidecar is not None:
+            checked = [(name, out.buffer.numel(), memories[name]) for name, out in outputs.items()]
+            await self.engine.run(check_tensors, self.url, sidecar, checked)
+
     async def _fetch_to_device(
         self,
         wants: list[Want],

@@ -69,6 +69,11 @@ class Checkpoint:
     async def files(self, shards: Iterable[str]) -> list[RemoteFile]:
         return await gather_or_cancel(*(self.file(shard) for shard in shards))
 
+    def in_order(self, files: Iterable[RemoteFile]) -> list[RemoteFile]:
+        """``files`` (opened shards of this checkpoint) in shard order."""
+        wanted = set(files)
+        return [self._files[shard] for shard in self.shards if self._files.get(shard) in wanted]
+
     async def names(self) -> list[str]:
         """Every tensor name: per shard in file order, shards in order (an index's order without I/O)."""
         if self._weight_map is not None:

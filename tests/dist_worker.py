@@ -26,18 +26,21 @@ def run_rank(rank: int, world: int, port: int, job: dict[str, Any], out: str) ->
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=30)
     )
     result: dict[str, Any]
+    stats = sst.Stats()
     try:
         tensors = job["per_rank"][rank] if "per_rank" in job else job.get("tensors")
-        options = job.get("options", {})
+        options = {**job.get("options", {}), "stats": stats}
         if job.get("tensor_parallel"):
             options["tensor_parallel"] = sst.TensorParallel(rank, world, job["tensor_parallel"])
-        else:
+        if job.get("split", not job.get("tensor_parallel")):
             options["process_group"] = True
         if job.get("model"):
             loaded = _load_into_model(job["url"], options)
+        elif job.get("iter"):
+            loaded = dict(sst.iter_tensors(job["url"], tensors=tensors, **options))
         else:
             loaded = sst.load_file(job["url"], tensors=tensors, **options)
-        result = {"ok": True, "tensors": {name: describe(t) for name, t in loaded.items()}}
+        result = {"ok": True, "tensors": {name: describe(t) for name, t in loaded.items()}, "bytes": stats.bytes}
     except Exception as exc:
         result = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
     with open(out, "w") as handle:

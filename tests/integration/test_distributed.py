@@ -3,6 +3,7 @@ once; tensor-parallel ranks read only their slice; a failing rank makes every ra
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import re
@@ -14,6 +15,7 @@ import torch
 from dist_worker import describe, run_rank
 
 import stream_st as sst
+from checkpoints import random_tensor, write
 from servers import RangeServer, free_port
 
 PREFETCH = 4096
@@ -40,10 +42,10 @@ def expected(root: Path) -> dict[str, list[Any]]:
     return {name: describe(t) for name, t in safetensors.torch.load_file(str(root / NAME)).items()}
 
 
-def data_bytes(http: RangeServer) -> int:
+def data_bytes(http: RangeServer, name: str = NAME) -> int:
     """Bytes served by ranged GETs past the header prefetch: the tensor bytes pulled from storage."""
     total = 0
-    for request in http.gets(NAME):
+    for request in http.gets(name):
         match = re.fullmatch(r"bytes=(\d+)-(\d+)", request.range or "")
         if match and int(match.group(1)) >= PREFETCH:
             total += request.sent
@@ -126,3 +128,80 @@ def test_a_rank_failing_mid_load_makes_every_rank_raise(http: RangeServer, tmp_p
     results = run_world(2, job, tmp_path, timeout=60)
     for result in results:
         assert not result["ok"] and "the distributed load failed on" in result["error"], result
+
+
+def test_a_huge_tensor_is_split_between_ranks(http: RangeServer, root: Path, tmp_path: Path) -> None:
+    """An embedding holding most of the bytes is fetched in row ranges by all ranks, not by one."""
+    state = {
+        "embed": random_tensor((3000, 64), torch.float32, seed=3),
+        "norm": random_tensor((64,), torch.float32, seed=4),
+        "head": random_tensor((500, 64), torch.float32, seed=5),
+    }
+    path = write(root / "huge.safetensors", state)
+    try:
+        job = {"url": http.url(path.name), "options": {"header_prefetch": PREFETCH, "part_size": 65536}}
+        results = run_world(3, job, tmp_path)
+        want = {name: describe(t) for name, t in safetensors.torch.load_file(str(path)).items()}
+        data = path.stat().st_size - PREFETCH
+        for result in results:
+            assert result["ok"], result
+            assert result["tensors"] == want
+            assert result["bytes"] - PREFETCH < 0.4 * data  # about a third each; whole, embed alone is 85%
+        assert data_bytes(http, path.name) == data
+    finally:
+        path.unlink()
+
+
+def test_iter_tensors_splits_every_batch(http: RangeServer, root: Path, tmp_path: Path) -> None:
+    selections = [["model.layers.*"], ["model.layers.1.*", "lm_head.weight"]]
+    options = {"header_prefetch": PREFETCH, "max_inflight_bytes": 100_000, "part_size": 65536}
+    job = {"url": http.url(NAME), "per_rank": selections, "iter": True, "options": options}
+    results = run_world(2, job, tmp_path)
+    want = expected(root)
+    header = sst.read_header(str(root / NAME))
+    in_file_order = [t.name for t in header]
+    asked = [
+        [n for n in in_file_order if n.startswith("model.layers.")],
+        [n for n in in_file_order if n.startswith("model.layers.1.") or n == "lm_head.weight"],
+    ]
+    for rank, result in enumerate(results):
+        assert result["ok"], result
+        assert list(result["tensors"]) == asked[rank]
+        assert result["tensors"] == {n: want[n] for n in asked[rank]}
+    union = set(asked[0]) | set(asked[1])
+    assert data_bytes(http) == sum(max(0, t.end - max(t.start, PREFETCH)) for t in header if t.name in union)
+
+
+def test_verify_with_split_loads(http: RangeServer, root: Path, tmp_path: Path) -> None:
+    digest = "sha256:" + hashlib.sha256((root / NAME).read_bytes()).hexdigest()
+    job = {"url": http.url(NAME), "options": {"header_prefetch": PREFETCH, "verify": digest}}
+    for result in run_world(2, job, tmp_path):
+        assert result["ok"], result
+        assert result["tensors"] == expected(root)
+    assert data_bytes(http) == (root / NAME).stat().st_size - PREFETCH
+    http.reset()
+    job["options"]["verify"] = "sha256:" + "0" * 64
+    for result in run_world(2, job, tmp_path):
+        assert not result["ok"]
+        assert result["error"].startswith("IntegrityError: ") and "sha256 of the streamed bytes is" in result["error"]
+
+
+def test_tensor_parallel_slices_with_the_rest_split(http: RangeServer, root: Path, tmp_path: Path) -> None:
+    """Sliced tensors are each rank's own; the replicated rest is split and exchanged: 1× egress in all."""
+    plan = {"*.q_proj.weight": 0, "*.up_proj.weight": 1}
+    job = {
+        "url": http.url(NAME),
+        "tensor_parallel": plan,
+        "split": True,
+        "options": {"header_prefetch": PREFETCH, "max_gap": 0},
+    }
+    results = run_world(2, job, tmp_path)
+    reference = safetensors.torch.load_file(str(root / NAME))
+    for rank, result in enumerate(results):
+        assert result["ok"], result
+        assert list(result["tensors"]) == [t.name for t in sst.read_header(str(root / NAME))]
+        for name, tensor in reference.items():
+            dim = 0 if name.endswith("q_proj.weight") else 1 if name.endswith("up_proj.weight") else None
+            part = tensor if dim is None else torch.chunk(tensor, 2, dim=dim)[rank]
+            assert result["tensors"][name] == describe(part), (rank, name)
+    assert data_bytes(http) == (root / NAME).stat().st_size - PREFETCH

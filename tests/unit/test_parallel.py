@@ -1,19 +1,69 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from stream_st.header import TensorInfo
-from stream_st.parallel import TensorParallel, owners
+from stream_st.parallel import Share, TensorParallel, shares
 from stream_st.regions import Region, split
 
 
-def test_owners_are_consecutive_balanced_runs() -> None:
-    sizes = [(f"t{i}", 10) for i in range(10)]
-    owner = owners(sizes, 3)
-    ranks = [owner[name] for name, _ in sizes]
+def ranks_in_order(plan: dict[str, list[Share]]) -> list[int]:
+    return [share.rank for pieces in plan.values() for share in pieces]
+
+
+def test_small_tensors_go_whole_to_consecutive_balanced_runs() -> None:
+    tensors = [(f"t{i}", 10, 2) for i in range(10)]
+    plan = shares(tensors, 3, min_split=1000)
+    ranks = ranks_in_order(plan)
+    assert all(len(pieces) == 1 and pieces[0].whole for pieces in plan.values())
     assert ranks == sorted(ranks) and set(ranks) == {0, 1, 2}
     assert max(ranks.count(r) for r in range(3)) - min(ranks.count(r) for r in range(3)) <= 1
-    assert owners([("big", 100), ("small", 1)], 4) == {"big": 1, "small": 3}
+    assert {n: p[0].rank for n, p in shares([("big", 100, 1), ("small", 1, 1)], 4, 1000).items()} == {
+        "big": 1,
+        "small": 3,
+    }
+
+
+def test_a_huge_tensor_is_split_between_rows_at_the_cuts() -> None:
+    plan = shares([("embed", 1000, 100), ("norm", 10, 1), ("head", 600, 60)], 4, min_split=100)
+    assert plan["embed"] == [
+        Share("embed", 0, 0, 40, False),
+        Share("embed", 1, 40, 81, False),
+        Share("embed", 2, 81, 100, False),
+    ]
+    assert plan["norm"] == [Share("norm", 2, 0, 1, True)]
+    # bytes 1010-1609; the last cut, at 1207, falls 19.7 rows in
+    assert plan["head"] == [Share("head", 2, 0, 20, False), Share("head", 3, 20, 60, False)]
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 50), st.integers(0, 8)), min_size=1, max_size=30),
+    st.integers(1, 9),
+    st.integers(1, 400),
+)
+def test_shares_cover_every_row_once_in_consecutive_balanced_runs(
+    layout: list[tuple[int, int]], world: int, min_split: int
+) -> None:
+    tensors = [(f"t{i}", rows * row_bytes, rows) for i, (rows, row_bytes) in enumerate(layout)]
+    plan = shares(tensors, world, min_split)
+    assert list(plan) == [name for name, _, _ in tensors]
+    ranks = ranks_in_order(plan)
+    assert ranks == sorted(ranks) and all(0 <= r < world for r in ranks)  # each rank: one consecutive run
+    load = [0] * world
+    for name, nbytes, rows in tensors:
+        pieces = plan[name]
+        assert pieces[0].start == 0 and pieces[-1].stop == rows
+        assert all(a.stop == b.start and a.rank < b.rank for a, b in zip(pieces, pieces[1:]))
+        assert (len(pieces) == 1) == pieces[0].whole
+        for piece in pieces:
+            load[piece.rank] += nbytes * (piece.stop - piece.start) // rows if rows else 0
+    total = sum(nbytes for _, nbytes, _ in tensors)
+    unsplit = max([nbytes for name, nbytes, _ in tensors if plan[name][0].whole] + [0])
+    slack = max(min_split, max(row_bytes for _, row_bytes in layout), unsplit)
+    assert sum(load) == total
+    assert max(load) <= total / world + 2 * slack
 
 
 def test_split_matches_torch_chunk() -> None:
