@@ -13,7 +13,7 @@ def describe(tensor: Any) -> list[Any]:
     """dtype, shape and the sha256 of the bytes: what a rank reports of each tensor."""
     import torch
 
-    raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+    raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
     return [str(tensor.dtype), list(tensor.shape), hashlib.sha256(raw).hexdigest()]
 
 
@@ -22,14 +22,22 @@ def run_rank(rank: int, world: int, port: int, job: dict[str, Any], out: str) ->
 
     import stream_st as sst
 
+    if job.get("backend") == "nccl":
+        import torch
+
+        torch.cuda.set_device(rank)  # one GPU per rank, as NCCL requires
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=30)
+        job.get("backend", "gloo"),
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=30),
     )
     result: dict[str, Any]
     stats = sst.Stats()
     try:
         tensors = job["per_rank"][rank] if "per_rank" in job else job.get("tensors")
-        options = {**job.get("options", {}), "stats": stats}
+        options = {**job.get("options", {}), "stats": stats, "device": job.get("device", "cpu")}
         if job.get("tensor_parallel"):
             options["tensor_parallel"] = sst.TensorParallel(rank, world, job["tensor_parallel"])
         if job.get("split", not job.get("tensor_parallel")):

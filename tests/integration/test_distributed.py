@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pytest
 import safetensors.torch
 import torch
 from dist_worker import describe, run_rank
@@ -204,4 +205,19 @@ def test_tensor_parallel_slices_with_the_rest_split(http: RangeServer, root: Pat
             dim = 0 if name.endswith("q_proj.weight") else 1 if name.endswith("up_proj.weight") else None
             part = tensor if dim is None else torch.chunk(tensor, 2, dim=dim)[rank]
             assert result["tensors"][name] == describe(part), (rank, name)
+    assert data_bytes(http) == (root / NAME).stat().st_size - PREFETCH
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["load_file", "iter_tensors"])
+def test_nccl_on_one_gpu(http: RangeServer, root: Path, tmp_path: Path, mode: str) -> None:
+    """The NCCL path (a one-rank world: NCCL takes one GPU per rank), verified, into GPU memory."""
+    digest = "sha256:" + hashlib.sha256((root / NAME).read_bytes()).hexdigest()
+    options = {"header_prefetch": PREFETCH, "part_size": 65536, "max_inflight_bytes": 200_000}
+    if mode == "load_file":
+        options["verify"] = digest
+    job = {"url": http.url(NAME), "backend": "nccl", "device": "cuda:0", "iter": mode == "iter_tensors"}
+    (result,) = run_world(1, {**job, "options": options}, tmp_path, timeout=120)
+    assert result["ok"], result
+    assert result["tensors"] == expected(root)
     assert data_bytes(http) == (root / NAME).stat().st_size - PREFETCH
