@@ -94,12 +94,16 @@ async def _split(
     dtype: torch.dtype | None,
     verify: VerifyOption,
     process_group: Any,
+    progress: ProgressOption,
     region_of: RegionOf = whole,
 ) -> dict[str, torch.Tensor]:
-    """Everything asked for, split and exchanged; this rank's slices (``region_of``) fetched by itself."""
+    """Everything asked for, split and exchanged; this rank's slices (``region_of``) fetched by itself.
+    The progress bar counts the bytes this rank downloads."""
     split = _split_load(checkpoint, device, process_group)
     await split.agree(tensors, region_of)
-    return _finished(await split.run(split.union, verify, with_own_slices=True), device, dtype)
+    total = split.share_bytes(split.union) + total_bytes({f: [n for n, _ in w] for f, w in split.alone.items()})
+    with reporting(checkpoint, total, progress):
+        return _finished(await split.run(split.union, verify, with_own_slices=True), device, dtype)
 
 
 def _finished(
@@ -108,12 +112,13 @@ def _finished(
     return {name: finish(out, device, dtype) for name, out in outputs.items()}
 
 
+def total_bytes(located: Mapping[RemoteFile, list[str]]) -> int:
+    return sum(file.info(name).nbytes for file, names in located.items() for name in names)
+
+
 @contextlib.contextmanager
-def reporting(
-    checkpoint: Checkpoint, located: Mapping[RemoteFile, list[str]], option: ProgressOption
-) -> Iterator[None]:
-    """Report the bytes of ``located`` landing, as ``option`` asks (see ``progress.make_progress``)."""
-    total = sum(file.info(name).nbytes for file, names in located.items() for name in names)
+def reporting(checkpoint: Checkpoint, total: int, option: ProgressOption) -> Iterator[None]:
+    """Report ``total`` bytes landing, as ``option`` asks (see ``progress.make_progress``)."""
     engine = checkpoint.engine
     engine.progress = make_progress(option, total, checkpoint.url.rsplit("/", 1)[-1])
     try:
@@ -248,9 +253,9 @@ async def load_file_async(
             check_verify(checkpoint, verify)
             region_of = tensor_parallel.region if tensor_parallel else whole
             if process_group is not None:
-                return await _split(checkpoint, tensors, device, dtype, verify, process_group, region_of)
+                return await _split(checkpoint, tensors, device, dtype, verify, process_group, progress, region_of)
             located = await checkpoint.locate(tensors)
-            with reporting(checkpoint, located, progress):
+            with reporting(checkpoint, total_bytes(located), progress):
                 outputs = await load_raw(with_regions(located, region_of), to_device(device), verify)
                 return _finished(outputs, device, dtype)
 
@@ -320,17 +325,21 @@ async def iter_tensors_async(
             split = _split_load(checkpoint, device, process_group)
             await split.agree(tensors)
             located: Mapping[RemoteFile, list[str]] = split.union
+            total = 0  # set below, once the batches are known
 
             async def load_batch(batch: Mapping[RemoteFile, list[str]]) -> dict[str, torch.Tensor]:
                 return _finished(await split.run(batch, verify), device, dtype)
         else:
             located = await checkpoint.locate(tensors)
-            stack.enter_context(reporting(checkpoint, located, progress))
+            total = total_bytes(located)
 
             async def load_batch(batch: Mapping[RemoteFile, list[str]]) -> dict[str, torch.Tensor]:
                 return await _load_located(batch, device, dtype, verify)
 
         batches = _batches(located, cfg.max_inflight_bytes, min(cfg.part_size, cfg.max_inflight_bytes))
+        if process_group is not None:
+            total = sum(split.share_bytes(batch) for batch in batches)
+        stack.enter_context(reporting(checkpoint, total, progress))
         ahead: asyncio.Task[dict[str, torch.Tensor]] | None = None
         try:
             for index, batch in enumerate(batches):
@@ -445,10 +454,12 @@ async def load_model_async(
             in_file = await checkpoint.names()
             check_verify(checkpoint, verify)
             if process_group is not None:
-                state = await _split(checkpoint, lambda name: name in model_keys, device, dtype, verify, process_group)
+                state = await _split(
+                    checkpoint, model_keys.__contains__, device, dtype, verify, process_group, progress
+                )
             else:
                 located = await checkpoint.locate(lambda name: name in model_keys)
-                with reporting(checkpoint, located, progress):
+                with reporting(checkpoint, total_bytes(located), progress):
                     state = await _load_located(located, device, dtype, verify)
         result = model.load_state_dict(state, strict=False, assign=assign)
         missing = set(result.missing_keys)

@@ -161,14 +161,30 @@ class SplitLoad:
             self.union = await self.checkpoint.locate(lambda name: name in wanted)
         self.asked_by = {name: [r for r in range(self.world) if name in asked[r]] for name in wanted}
 
+    def plan(self, part: Mapping[RemoteFile, list[str]]) -> dict[str, list[Share]]:
+        """Who fetches which rows of the tensors of ``part``."""
+        infos = [file.info(name) for file, names in part.items() for name in names]
+        min_split = self.checkpoint.engine.config.part_size  # smaller tensors are not worth a collective each
+        return shares([(i.name, i.nbytes, i.shape[0] if i.shape else 1) for i in infos], self.world, min_split)
+
+    def share_bytes(self, part: Mapping[RemoteFile, list[str]]) -> int:
+        """The bytes of ``part`` this rank fetches (for its progress bar)."""
+        sizes = {name: file.info(name).nbytes for file, names in part.items() for name in names}
+        mine = 0
+        for name, pieces in self.plan(part).items():
+            row_bytes = sizes[name] // max(1, pieces[-1].stop)
+            for share in pieces:
+                if share.rank == self.rank:
+                    mine += sizes[name] if share.whole else (share.stop - share.start) * row_bytes
+        return mine
+
     async def run(
         self, part: Mapping[RemoteFile, list[str]], verify: Any = None, *, with_own_slices: bool = False
     ) -> dict[str, OutputTensor]:
         """Fetch our share of ``part`` (a subset of ``union``; and our own slices), exchange, verify; returns
         what this rank asked for, in file order."""
         infos = {name: file.info(name) for file, names in part.items() for name in names}
-        min_split = self.checkpoint.engine.config.part_size  # smaller tensors are not worth a collective each
-        plan = shares([(n, i.nbytes, i.shape[0] if i.shape else 1) for n, i in infos.items()], self.world, min_split)
+        plan = self.plan(part)
 
         # 1. Fetch our pieces; agree that every rank succeeded before anyone waits on a transfer.
         error: str | None = None

@@ -38,6 +38,8 @@ def run_rank(rank: int, world: int, port: int, job: dict[str, Any], out: str) ->
     try:
         tensors = job["per_rank"][rank] if "per_rank" in job else job.get("tensors")
         options = {**job.get("options", {}), "stats": stats, "device": job.get("device", "cpu")}
+        reported: list[tuple[int, int]] = []
+        options["progress"] = lambda done, total: reported.append((done, total))
         if job.get("tensor_parallel"):
             options["tensor_parallel"] = sst.TensorParallel(rank, world, job["tensor_parallel"])
         if job.get("split", not job.get("tensor_parallel")):
@@ -48,7 +50,12 @@ def run_rank(rank: int, world: int, port: int, job: dict[str, Any], out: str) ->
             loaded = dict(sst.iter_tensors(job["url"], tensors=tensors, **options))
         else:
             loaded = sst.load_file(job["url"], tensors=tensors, **options)
-        result = {"ok": True, "tensors": {name: describe(t) for name, t in loaded.items()}, "bytes": stats.bytes}
+        result = {
+            "ok": True,
+            "tensors": {name: describe(t) for name, t in loaded.items()},
+            "bytes": stats.bytes,
+            "progress": reported[-1:],
+        }
     except Exception as exc:
         result = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
     with open(out, "w") as handle:

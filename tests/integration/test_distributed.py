@@ -148,7 +148,11 @@ def test_a_huge_tensor_is_split_between_ranks(http: RangeServer, root: Path, tmp
             assert result["ok"], result
             assert result["tensors"] == want
             assert result["bytes"] - PREFETCH < 0.4 * data  # about a third each; whole, embed alone is 85%
+            ((done, total),) = result["progress"]  # the bar counts what this rank downloads
+            assert done == total
         assert data_bytes(http, path.name) == data
+        tensor_bytes = sum(t.numel() * t.element_size() for t in state.values())
+        assert sum(result["progress"][0][1] for result in results) == tensor_bytes
     finally:
         path.unlink()
 
