@@ -224,8 +224,9 @@ async def load_file_async(
             (rows for dim 0, columns for dim 1; other tensors whole).
         process_group: a torch.distributed group (or True for the default one): every rank of it calls
             ``load_file`` together; each fetches a disjoint, balanced share of the tensors the ranks asked for
-            and the tensors are then exchanged (NCCL for GPU tensors, gloo for CPU ones), so storage serves
-            each byte once. A failure on any rank raises on every rank.
+            (huge tensors split between rows) and the pieces are then exchanged (NCCL for GPU tensors, gloo
+            for CPU ones), so storage serves each byte once. ``tensor_parallel`` slices are each rank's own.
+            A failure on any rank raises on every rank.
         stats: a [`Stats`] that receives this load's requests, bytes received and retries.
         verify: check the bytes before returning them. ``True``: a whole file against the digest its store
             publishes (the Hub's LFS sha256, S3's full-object ChecksumSHA256/CRC32, GCS's md5Hash) or a
