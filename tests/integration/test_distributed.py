@@ -225,3 +225,20 @@ def test_nccl_on_one_gpu(http: RangeServer, root: Path, tmp_path: Path, mode: st
     assert result["ok"], result
     assert result["tensors"] == expected(root)
     assert data_bytes(http) == (root / NAME).stat().st_size - PREFETCH
+
+
+def test_sharded_checkpoint_split_across_ranks(http: RangeServer, root: Path, tmp_path: Path) -> None:
+    """An index.json checkpoint: every shard's bytes once in all, every rank with every tensor, in shard order."""
+    shards = sorted((root / "sharded").glob("*.safetensors"))
+    job = {"url": http.url("sharded/model.safetensors.index.json"), "options": {"header_prefetch": PREFETCH}}
+    results = run_world(3, job, tmp_path)
+    want: dict[str, list[Any]] = {}
+    for shard in shards:
+        want |= {name: describe(t) for name, t in safetensors.torch.load_file(str(shard)).items()}
+    in_order = [t.name for shard in shards for t in sst.read_header(str(shard))]
+    for result in results:
+        assert result["ok"], result
+        assert list(result["tensors"]) == in_order and result["tensors"] == want
+    for shard in shards:
+        header = sst.read_header(str(shard))
+        assert data_bytes(http, f"sharded/{shard.name}") == sum(max(0, t.end - max(t.start, PREFETCH)) for t in header)
