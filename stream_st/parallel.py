@@ -135,6 +135,11 @@ class SplitLoad:
 
         self.checkpoint, self.device, self.group = checkpoint, device, group
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        if dist.get_backend(group) == "nccl" and device.type != "cuda":
+            raise ValueError(
+                f"{checkpoint.url}: the process group uses NCCL, which moves GPU tensors only, but device={device}; "
+                "load to this rank's GPU or pass a gloo group"
+            )
         self.asked_by: dict[str, list[int]] = {}
         self.union: dict[RemoteFile, list[str]] = {}  # what some rank asked for whole, by file, in file order
         self.alone: dict[RemoteFile, list[tuple[str, Region | None]]] = {}  # this rank's own slices
@@ -255,15 +260,27 @@ class SplitLoad:
             else:
                 assert full is not None
                 buffer = full.buffer if share.whole else full.buffer[share.start * row_bytes : share.stop * row_bytes]
-            await asyncio.to_thread(_transfer, buffer, source, receivers, self.rank, self.world, self.group)
+            await self._collective(_transfer, buffer, source, receivers, self.rank, self.world, self.group)
         return full if asked else None
 
     async def _all_gather(self, value: Any) -> list[Any]:
         import torch.distributed as dist
 
         gathered: list[Any] = [None] * self.world
-        await asyncio.to_thread(dist.all_gather_object, gathered, value, self.group)
+        await self._collective(dist.all_gather_object, gathered, value, self.group)
         return gathered
+
+    async def _collective(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a blocking collective on a helper thread, with this rank's GPU current there: CUDA's
+        current device is per thread, and NCCL's object collectives stage through the current one."""
+
+        def call() -> Any:
+            if self.device.type != "cuda":
+                return fn(*args)
+            with torch.cuda.device(self.device):
+                return fn(*args)
+
+        return await asyncio.to_thread(call)
 
     def _raise_if_failed(self, errors: list[str | None], error: type[StreamSTError] = FetchError) -> None:
         failed = [(r, e) for r, e in enumerate(errors) if e]

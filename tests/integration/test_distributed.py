@@ -242,3 +242,10 @@ def test_sharded_checkpoint_split_across_ranks(http: RangeServer, root: Path, tm
     for shard in shards:
         header = sst.read_header(str(shard))
         assert data_bytes(http, f"sharded/{shard.name}") == sum(max(0, t.end - max(t.start, PREFETCH)) for t in header)
+
+
+@pytest.mark.cuda
+def test_nccl_refuses_a_cpu_destination(http: RangeServer, tmp_path: Path) -> None:
+    job = {"url": http.url(NAME), "backend": "nccl", "device": "cpu", "options": {"header_prefetch": PREFETCH}}
+    (result,) = run_world(1, job, tmp_path, timeout=120)
+    assert not result["ok"] and "uses NCCL, which moves GPU tensors only" in result["error"], result
