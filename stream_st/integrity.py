@@ -108,9 +108,9 @@ class OrderedHasher:
     """Hashes an object's bytes in order as the parts holding them land, in any order, in memory.
 
     ``segments`` are (start, end, memory) runs that together cover [0, size) once; memory on a GPU is
-    read back in chunks (about 10× faster than the hash rate, and host memory stays bounded). ``landed(start, end)``
-    is called from worker threads; whichever thread completes the next bytes in order hashes them, under a
-    lock, while the other threads keep downloading: hashing costs only what the hash rate requires.
+    read back in chunks (far faster than the hash rate, and host memory stays bounded). ``landed(start,
+    end)`` is called from worker threads; whichever thread completes the next bytes in order hashes them,
+    under a lock, while the other threads keep downloading: hashing costs only what the hash rate requires.
     """
 
     url: str

@@ -85,7 +85,9 @@ class Checkpoint:
         names = select(await self.names(), wanted, url=self.url)
         if self._weight_map is None:
             chosen = set(names)
-            by_shard = {file: [n for n in file.header.offset_keys() if n in chosen] for file in self._files.values()}
+            # In shard order, not the order the shards finished opening: ranks splitting a load must agree.
+            opened = self.in_order(self._files.values())
+            by_shard = {file: [n for n in file.header.offset_keys() if n in chosen] for file in opened}
             return {file: group for file, group in by_shard.items() if group}
         shards: dict[str, set[str]] = {}
         for name in names:

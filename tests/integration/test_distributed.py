@@ -249,3 +249,21 @@ def test_nccl_refuses_a_cpu_destination(http: RangeServer, tmp_path: Path) -> No
     job = {"url": http.url(NAME), "backend": "nccl", "device": "cpu", "options": {"header_prefetch": PREFETCH}}
     (result,) = run_world(1, job, tmp_path, timeout=120)
     assert not result["ok"] and "uses NCCL, which moves GPU tensors only" in result["error"], result
+
+
+def test_folder_without_index_split_across_ranks(root: Path, tmp_path: Path) -> None:
+    """Shards found by listing a folder: all ranks agree on one order (the shards' names), not on the order in
+    which each rank happened to finish opening them."""
+    folder = tmp_path / "listed"
+    folder.mkdir()
+    shards = sorted((root / "sharded").glob("*.safetensors"))
+    for shard in shards:
+        (folder / shard.name).write_bytes(shard.read_bytes())
+    results = run_world(3, {"url": str(folder), "options": {"max_concurrency": 1}}, tmp_path)
+    in_order = [t.name for shard in shards for t in sst.read_header(str(shard))]
+    want: dict[str, list[Any]] = {}
+    for shard in shards:
+        want |= {name: describe(t) for name, t in safetensors.torch.load_file(str(shard)).items()}
+    for result in results:
+        assert result["ok"], result
+        assert list(result["tensors"]) == in_order and result["tensors"] == want
