@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 from ._loop import gather_or_cancel
-from .errors import FetchError, IntegrityError, StreamSTError
+from .errors import FetchError, IntegrityError, ObjectChangedError, StreamSTError
 from .header import TensorInfo
 from .regions import Region, split
 from .remote import RemoteFile
@@ -165,6 +166,21 @@ class SplitLoad:
         if wanted:
             self.union = await self.checkpoint.locate(lambda name: name in wanted)
         self.asked_by = {name: [r for r in range(self.world) if name in asked[r]] for name in wanted}
+        await self._check_same_versions()
+
+    async def _check_same_versions(self) -> None:
+        """Every rank must have read the same version of each file, or the pieces would not fit together
+        (a file replaced between the ranks' header reads): each rank pins its own version, not the others'."""
+        seen = [_fingerprint(file) for file in self.union]
+        everyone = await self._all_gather(seen)
+        for rank, theirs in enumerate(everyone):
+            for file, ours, other in zip(self.union, seen, theirs):
+                if ours != other:
+                    raise ObjectChangedError(
+                        f"{file.url}: rank {rank} read another version of this file than rank {self.rank} "
+                        f"(size, header digest, version: {other} vs {ours}); it changed while the ranks opened it",
+                        url=file.url,
+                    )
 
     def plan(self, part: Mapping[RemoteFile, list[str]]) -> dict[str, list[Share]]:
         """Who fetches which rows of the tensors of ``part``."""
@@ -288,6 +304,12 @@ class SplitLoad:
             url = self.checkpoint.url
             detail = "; ".join(f"rank {r}: {e}" for r, e in failed)
             raise error(f"{url}: the distributed load failed on {len(failed)} rank(s) ({detail})", url=url)
+
+
+def _fingerprint(file: RemoteFile) -> tuple[int, str, str | None]:
+    """What identifies the version of a file a rank read: size, header digest, and the store's version."""
+    version = file.source.version if file.source.version_is_global else None
+    return file.header.file_size, hashlib.sha256(file.header_bytes()).hexdigest()[:16], version
 
 
 def _region(share: Share) -> Region | None:

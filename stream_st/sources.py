@@ -46,6 +46,9 @@ class Source(ABC):
     size: int | None = None
     version: str | None = None
     ranges: bool = True
+    # Whether every machine reading this URL sees the same version string (an ETag, a generation); not
+    # for local paths, whose inode and mtime differ between copies of one file on different nodes.
+    version_is_global = True
 
     @abstractmethod
     def probe(self, length: int) -> Probe:
@@ -145,6 +148,8 @@ class LocalSource(Source):
     Reads through one open descriptor see one inode: a file replaced by rename mid-load is still read
     whole and consistent; an in-place rewrite is caught by comparing size and mtime at the end.
     """
+
+    version_is_global = False
 
     def __init__(self, url: str) -> None:
         self.url = url

@@ -44,12 +44,13 @@ def run_rank(rank: int, world: int, port: int, job: dict[str, Any], out: str) ->
             options["tensor_parallel"] = sst.TensorParallel(rank, world, job["tensor_parallel"])
         if job.get("split", not job.get("tensor_parallel")):
             options["process_group"] = True
+        url = job["per_rank_url"][rank] if "per_rank_url" in job else job["url"]
         if job.get("model"):
-            loaded = _load_into_model(job["url"], options)
+            loaded = _load_into_model(url, options)
         elif job.get("iter"):
-            loaded = dict(sst.iter_tensors(job["url"], tensors=tensors, **options))
+            loaded = dict(sst.iter_tensors(url, tensors=tensors, **options))
         else:
-            loaded = sst.load_file(job["url"], tensors=tensors, **options)
+            loaded = sst.load_file(url, tensors=tensors, **options)
         result = {
             "ok": True,
             "tensors": {name: describe(t) for name, t in loaded.items()},

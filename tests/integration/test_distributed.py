@@ -16,7 +16,7 @@ import torch
 from dist_worker import describe, run_rank
 
 import stream_st as sst
-from checkpoints import random_tensor, write
+from checkpoints import layered_state, random_tensor, write
 from servers import RangeServer, free_port
 
 PREFETCH = 4096
@@ -267,3 +267,24 @@ def test_folder_without_index_split_across_ranks(root: Path, tmp_path: Path) -> 
     for result in results:
         assert result["ok"], result
         assert list(result["tensors"]) == in_order and result["tensors"] == want
+
+
+def test_ranks_that_read_different_versions_all_raise(tmp_path: Path) -> None:
+    """Rank 1 sees the file after it was replaced (same layout, new bytes, new ETag): mixing pieces of two
+    versions would be silently wrong, so every rank raises ObjectChangedError instead."""
+    folder = tmp_path / "versions"
+    folder.mkdir()
+    old = write(folder / "old.safetensors", layered_state())
+    new = folder / "new.safetensors"
+    data = bytearray(old.read_bytes())
+    data[-1] ^= 0xFF
+    new.write_bytes(bytes(data))
+    server = RangeServer(folder)
+    try:
+        job = {"per_rank_url": [server.url(old.name), server.url(new.name)], "options": {}}
+        results = run_world(2, job, tmp_path)
+    finally:
+        server.stop()
+    for result in results:
+        assert not result["ok"]
+        assert result["error"].startswith("ObjectChangedError: ") and "read another version" in result["error"]
