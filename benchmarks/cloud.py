@@ -31,11 +31,9 @@ import os
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.parse
 import urllib.request
@@ -52,9 +50,9 @@ sys.path.insert(1, str(REPO / "tests"))  # the real-server helpers the tests use
 import report  # noqa: E402
 from checkpoint import ensure_checkpoint, read_header  # noqa: E402
 from contenders import VERIFY  # noqa: E402
+from process import GNU_TIME, Run, run_process, timing  # noqa: E402
+from report import fmt, get_row  # noqa: E402
 
-RUN_TIMEOUT_S = 600  # a hung contender is killed and recorded as failed
-GNU_TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
 TARGET_VS_FLOOR = 1.10  # DESIGN.md §5, S3: stream_st ≤ 1.10 × (start + raw ranged client)
 S3RVER_VERSION = "3.7.1"
 S3RVER_KEY = "S3RVER"
@@ -242,18 +240,6 @@ def hub_contenders() -> list[Contender]:
 
 
 @dataclass
-class Run:
-    wall_s: float
-    rss_mib: float
-    rc: int
-    output: str  # last lines of the child's stdout+stderr
-
-    @property
-    def ok(self) -> bool:
-        return self.rc == 0
-
-
-@dataclass
 class Result:
     contender: Contender
     check: str = ""
@@ -320,27 +306,9 @@ def child_env(extra: dict[str, str]) -> dict[str, str]:
 
 
 def run_once(argv: list[str], env: dict[str, str]) -> Run:
-    """One fresh process: wall time around its whole life and its own peak RSS (as run.py measures)."""
-    with tempfile.TemporaryFile() as out, tempfile.NamedTemporaryFile("r") as rss_file:
-        if GNU_TIME:
-            # A fork+exec'd child's own ru_maxrss includes this script's RSS at fork time; GNU time's does not.
-            argv = [GNU_TIME, "-f", "%M", "-o", rss_file.name, *argv]
-        started = time.perf_counter()
-        process = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=CODE_ROOT, start_new_session=True
-        )  # cwd: `python -c` puts it first on sys.path, so stream_st comes from CODE_ROOT
-        watchdog = threading.Timer(RUN_TIMEOUT_S, os.killpg, (process.pid, signal.SIGKILL))
-        watchdog.start()
-        _, status, usage = os.wait4(process.pid, 0)
-        wall = time.perf_counter() - started
-        watchdog.cancel()
-        rc = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        text = out.read().decode(errors="replace")
-        rss_lines = rss_file.read().split() if GNU_TIME else []
-        rss_kib = int(rss_lines[-1]) if rss_lines and rss_lines[-1].isdigit() else usage.ru_maxrss
-    tail = "\n".join(text.strip().splitlines()[-15:])
-    return Run(wall, rss_kib / 1024, rc, tail)
+    """One fresh process, measured as run.py measures. cwd: ``python -c`` puts it first on sys.path, so
+    stream_st comes from CODE_ROOT."""
+    return run_process(argv, env, CODE_ROOT)
 
 
 def contender_env(target: Target, c: Contender) -> dict[str, str]:
@@ -665,32 +633,17 @@ def summarize(results: list[Result], size: int) -> list[dict[str, Any]]:
             "rcs": [r.rc for r in result.runs],
         }
         if ok:
-            walls = [r.wall_s for r in ok]
-            row.update(
-                median_s=statistics.median(walls),
-                min_s=min(walls),
-                max_s=max(walls),
-                walls=walls,
-                rss_mib=statistics.median(r.rss_mib for r in ok),
-            )
+            row.update(timing(ok))
             if c.key != "start":
                 row["gbps"] = size / row["median_s"] / 1e9
         rows.append(row)
-    start, raw = _get(rows, "start"), _get(rows, "raw")
+    start, raw = get_row(rows, "start"), get_row(rows, "raw")
     if start and raw:
         floor = start["median_s"] + raw["median_s"]
         for row in rows:
             if "median_s" in row and row["key"] not in ("start",):
                 row["x_floor"] = row["median_s"] / floor
     return rows
-
-
-def _get(rows: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
-    return next((r for r in rows if r["key"] == key and "median_s" in r), None)
-
-
-def _fmt(value: float | None) -> str:
-    return "—" if value is None else f"{value:.2f}"
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -707,15 +660,15 @@ def table(rows: list[dict[str, Any]]) -> str:
         failed = f" ({r['runs'] - r['ok_runs']} runs failed)" if r["ok_runs"] < r["runs"] else ""
         out.append(
             f"| {r['label']} | {r['median_s']:.2f}{failed} | {r['min_s']:.2f}–{r['max_s']:.2f} "
-            f"| {_fmt(r.get('gbps'))} | {_fmt(r.get('x_floor'))} | {r['rss_mib']:.0f} | {check} |"
+            f"| {fmt(r.get('gbps'))} | {fmt(r.get('x_floor'))} | {r['rss_mib']:.0f} | {check} |"
         )
     return "\n".join(out)
 
 
 def ratios(name: str, rows: list[dict[str, Any]]) -> list[str]:
     lines = []
-    start, raw = _get(rows, "start"), _get(rows, "raw")
-    ours, fs_path, runai = _get(rows, "stream_st"), _get(rows, "stream_st_fsspec"), _get(rows, "runai")
+    start, raw = get_row(rows, "start"), get_row(rows, "raw")
+    ours, fs_path, runai = get_row(rows, "stream_st"), get_row(rows, "stream_st_fsspec"), get_row(rows, "runai")
     s3 = name in ("localstack", "s3rver")
     if start and raw:
         floor = start["median_s"] + raw["median_s"]

@@ -9,6 +9,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from process import timing
+
 TARGET_VS_FLOOR = 1.10  # DESIGN.md §5: stream_st ≤ 1.10 × (start + curl)
 TARGET_VS_SST = 0.6  # DESIGN.md §5: stream_st ≤ 0.6 × safetensors-streaming
 
@@ -68,20 +70,15 @@ def summarize(results: list[Any], header: Any, expected: dict[str, int]) -> list
             "failures": [r.output for r in result.runs if not r.ok],
         }
         if ok:
-            walls = [r.wall_s for r in ok]
             row.update(
-                median_s=statistics.median(walls),
-                min_s=min(walls),
-                max_s=max(walls),
-                walls=walls,
-                rss_mib=statistics.median(r.rss_mib for r in ok),
+                timing(ok),
                 requests=[r.traffic.requests for r in ok],
                 bytes=[r.traffic.bytes for r in ok],
                 statuses=sorted({s for r in ok for s in r.traffic.statuses}),
                 ranges=list(ok[0].traffic.ranges),
             )
         rows.append(row)
-    curl = _get(rows, "curl")
+    curl = get_row(rows, "curl")
     for row in rows:
         if "median_s" in row and row["needed_bytes"]:
             row["gbps"] = row["needed_bytes"] / row["median_s"] / 1e9
@@ -90,11 +87,11 @@ def summarize(results: list[Any], header: Any, expected: dict[str, int]) -> list
     return rows
 
 
-def _fmt(value: float | None) -> str:
+def fmt(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}"
 
 
-def _get(rows: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
+def get_row(rows: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
     return next((r for r in rows if r["key"] == key and "median_s" in r), None)
 
 
@@ -116,7 +113,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         ratio = f"{pulled / r['needed_bytes']:.4f}" if r["needed_bytes"] else "—"
         out.append(
             f"| {r['label']} | {r['median_s']:.2f}{failed} | {r['min_s']:.2f}–{r['max_s']:.2f} "
-            f"| {_fmt(r.get('gbps'))} | {_fmt(r.get('x_curl'))} "
+            f"| {fmt(r.get('gbps'))} | {fmt(r.get('x_curl'))} "
             f"| {_median_int(r['requests'])} | {_median_int(r['bytes'])} | {ratio} "
             f"| {r['rss_mib']:.0f} | {check} |"
         )
@@ -126,13 +123,13 @@ def table(rows: list[dict[str, Any]]) -> str:
 def targets(rows: list[dict[str, Any]], expected: dict[str, int], header: Any) -> list[str]:
     """The DESIGN.md §5 checks, each with the numbers it was computed from."""
     lines = []
-    curl, start, sst = _get(rows, "curl"), _get(rows, "start"), _get(rows, "safetensors_streaming")
-    ours = _get(rows, "stream_st")
+    curl, start, sst = get_row(rows, "curl"), get_row(rows, "start"), get_row(rows, "safetensors_streaming")
+    ours = get_row(rows, "stream_st")
     if curl and start:
         floor = start["median_s"] + curl["median_s"]
         lines.append(f"- floor = start + curl = {start['median_s']:.2f} + {curl['median_s']:.2f} = {floor:.2f} s")
         for key in ("stream_st", "safetensors_streaming", "fsspec", "download"):
-            row = _get(rows, key)
+            row = get_row(rows, key)
             if row:
                 verdict = ""
                 if key == "stream_st":
@@ -151,13 +148,13 @@ def targets(rows: list[dict[str, Any]], expected: dict[str, int], header: Any) -
         )
     elif ours:
         lines.append("- stream_st ÷ safetensors_streaming: not computed (safetensors_streaming had no successful run)")
-    verified = _get(rows, "stream_st_verify")
+    verified = get_row(rows, "stream_st_verify")
     if ours and verified:
         lines.append(
             f"- cost of verify (sha256 while streaming): {verified['median_s']:.2f} / {ours['median_s']:.2f} = "
             f"**{verified['median_s'] / ours['median_s']:.2f}×** stream_st without it"
         )
-    partial = _get(rows, "partial")
+    partial = get_row(rows, "partial")
     if partial:
         pulled = int(statistics.median(partial["bytes"]))
         requests = int(statistics.median(partial["requests"]))
@@ -257,7 +254,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(done) + 1.5))
     colors = ["tab:green" if k in ("stream_st", "partial") else "tab:gray" for k in labels]
     ax.barh(labels, medians, xerr=errors, color=colors, capsize=3)
-    curl, start = _get(rows, "curl"), _get(rows, "start")
+    curl, start = get_row(rows, "curl"), get_row(rows, "start")
     if curl and start:
         floor = curl["median_s"] + start["median_s"]
         ax.axvline(floor, color="black", linestyle="--", label=f"start + curl = {floor:.2f} s")

@@ -22,39 +22,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
-import tempfile
-import threading
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules, whatever the cwd
 
+import process  # noqa: E402
 import report  # noqa: E402
 from checkpoint import HeaderInfo, ensure_checkpoint, read_header  # noqa: E402
 from contenders import CONTENDERS, PARTIAL, Contender  # noqa: E402
 from nginx_server import Nginx, Traffic, serve  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-RUN_TIMEOUT_S = 600  # a hung contender is killed and recorded as failed, not waited for forever
-GNU_TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
 
 
 @dataclass
-class Run:
-    wall_s: float
-    rss_mib: float
-    rc: int
-    traffic: Traffic
-    output: str  # last lines of the child's stdout+stderr
-
-    @property
-    def ok(self) -> bool:
-        return self.rc == 0
+class Run(process.Run):
+    traffic: Traffic | None = None  # what nginx logged for this run
 
 
 @dataclass
@@ -97,30 +84,8 @@ def child_env() -> dict[str, str]:
 def run_once(argv: list[str], env: dict[str, str], server: Nginx) -> Run:
     """One fresh process: wall time around its whole life, its own peak RSS, its HTTP traffic."""
     offset = server.log_offset()
-    with tempfile.TemporaryFile() as out, tempfile.NamedTemporaryFile("r") as rss_file:
-        if GNU_TIME:
-            # Linux reports a fork+exec'd child's ru_maxrss as at least the parent's RSS at fork time, so
-            # our own wait4 would over-report; GNU time is a tiny parent whose wait4 gives the true peak.
-            # It adds ~1 ms to every run, the same for every contender.
-            argv = [GNU_TIME, "-f", "%M", "-o", rss_file.name, *argv]
-        started = time.perf_counter()
-        # Its own process group, so a hung run is killed with everything it started (GNU time included).
-        process = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True
-        )
-        watchdog = threading.Timer(RUN_TIMEOUT_S, os.killpg, (process.pid, signal.SIGKILL))
-        watchdog.start()
-        _, status, usage = os.wait4(process.pid, 0)  # same timing as subprocess.run, plus rusage
-        wall = time.perf_counter() - started
-        watchdog.cancel()
-        process.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        text = out.read().decode(errors="replace")
-        # With GNU time its last line is the peak in KiB (a line before it says if the command failed).
-        rss_lines = rss_file.read().split() if GNU_TIME else []
-        rss_kib = int(rss_lines[-1]) if rss_lines and rss_lines[-1].isdigit() else usage.ru_maxrss
-    tail = "\n".join(text.strip().splitlines()[-15:])
-    return Run(wall, rss_kib / 1024, process.returncode, server.traffic_since(offset), tail)
+    done = process.run_process(argv, env, REPO)
+    return Run(done.wall_s, done.rss_mib, done.rc, done.output, server.traffic_since(offset))
 
 
 def check(result: Result, url: str, local: Path, env: dict[str, str], server: Nginx) -> None:
@@ -203,7 +168,7 @@ def main() -> int:
     machine = report.machine_info()
     machine["peak RSS from"] = (
         "GNU time %M of each child"
-        if GNU_TIME
+        if process.GNU_TIME
         else "wait4 ru_maxrss (an upper bound: at least this script's RSS at fork)"
     )
     with serve(root=local.parent, prefix=out / "nginx") as server:
