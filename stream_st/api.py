@@ -150,7 +150,11 @@ async def _with_deadline(config: Config, url: str, coro: Any) -> Any:
 
 
 def to_device(device: Device) -> torch.device:
-    """``"cuda"``, ``"cuda:1"``, ``1`` or a torch.device, as a torch.device (``"cuda"`` gets its index)."""
+    """``"cuda"``, ``"cuda:1"``, ``1`` or a torch.device, as a torch.device (``"cuda"`` gets its index).
+
+    The sync functions call this on the caller's thread before handing the load to the IO thread: CUDA's
+    current device is per thread, and ``"cuda"`` must mean the GPU the caller made current
+    (``torch.cuda.set_device(local_rank)``), not the IO thread's GPU 0."""
     target = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
     if target.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r}, but CUDA is not available to this torch ({torch.__version__})")
@@ -279,6 +283,7 @@ def load_file(
     **options: Any,
 ) -> dict[str, torch.Tensor]:
     """Sync twin of [`load_file_async`]: ``load_file(url, device="cpu", *, tensors=None, dtype=None, ...)``."""
+    device = to_device(device)  # on the caller's thread (see to_device)
     return run_sync(
         load_file_async(
             url,
@@ -393,6 +398,7 @@ def iter_tensors(
     **options: Any,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Sync twin of [`iter_tensors_async`]; closing the iterator early cancels what is in flight."""
+    device = to_device(device)  # on the caller's thread (see to_device)
     agen = iter_tensors_async(
         url,
         device,
@@ -505,6 +511,7 @@ def load_model(
     **options: Any,
 ) -> tuple[list[str], list[str]]:
     """Sync twin of [`load_model_async`]."""
+    device = to_device(device)  # on the caller's thread (see to_device)
     return run_sync(
         load_model_async(
             model,

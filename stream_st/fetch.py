@@ -161,6 +161,7 @@ class Engine:
         if staging is None:
             self._read_part(source, _PartReader(part, destination, self._gap_scratch(), cancelled, self.progress))
         else:
+            staging.enter_thread()
             try:
                 slot = staging.pool.acquire(cancelled)
             except SlotWaitCancelledError:

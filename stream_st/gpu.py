@@ -107,6 +107,14 @@ def shared_pool(slot_bytes: int, pool_bytes: int, *, pinned: bool) -> PinnedPool
         return pool
 
 
+def use_device(device: torch.device) -> None:
+    """Make ``device`` this thread's current CUDA device, for good. CUDA's current device is per thread and
+    starts at 0: a worker that merely switched to GPU k and back (a device guard) would create a context on
+    GPU 0 in every rank of a multi-GPU job (~0.5 GiB each), and pinned memory would belong to GPU 0."""
+    if device.type == "cuda" and device.index is not None and torch.cuda.current_device() != device.index:
+        torch.cuda.set_device(device)
+
+
 class DeviceStaging:
     """Moves staged parts into flat uint8 destination tensors on ``device``.
 
@@ -121,6 +129,18 @@ class DeviceStaging:
         self._local = threading.local()
         self._streams: list[Any] = []
         self._lock = threading.Lock()
+        self._allocated: Any = None
+        if self._cuda:
+            # The outputs were just allocated on this thread's current stream; the caching allocator may
+            # have handed out memory that work queued there still uses. Copies on the side streams wait
+            # for it (side streams do not synchronise with the default stream by themselves).
+            self._allocated = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            self._allocated.record(torch.cuda.current_stream(device))
+
+    def enter_thread(self) -> None:
+        """Called by a worker thread before it touches CUDA for this load (see ``use_device``)."""
+        if self._cuda:
+            use_device(self.device)
 
     def staged_part(self, part: Part) -> Part:
         """The whole range of ``part`` as one piece landing at offset 0 of a slot (gap bytes included)."""
@@ -148,6 +168,7 @@ class DeviceStaging:
         stream = getattr(self._local, "stream", None)
         if stream is None:
             stream = self._local.stream = torch.cuda.Stream(device=self.device)  # type: ignore[no-untyped-call]
+            stream.wait_event(self._allocated)
             with self._lock:
                 self._streams.append(stream)
         return stream
@@ -169,6 +190,7 @@ class DeviceBytes:
         self.tensor, self.bounce, self._view = tensor, bounce, writable_view(bounce)
 
     def chunks(self, start: int, end: int) -> Iterator[memoryview]:
+        use_device(self.tensor.device)
         step = len(self.bounce)
         for at in range(start, end, step):
             size = min(step, end - at)

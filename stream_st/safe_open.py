@@ -36,7 +36,8 @@ class AsyncSafeOpen:
     ) -> None:
         if framework not in ("pt", "torch", "pytorch"):
             raise ValueError(f"framework {framework!r} is not supported; stream_st loads torch tensors ('pt')")
-        self._url, self._device, self._dtype = url, device, dtype
+        # Resolved here, on the caller's thread: "cuda" means the GPU current there (see api.to_device).
+        self._url, self._device, self._dtype = url, to_device(device), dtype
         self._storage_options = storage_options
         self._config = resolve(config, options)
         self._engine: Engine | None = None
