@@ -82,9 +82,9 @@ async def _load_located(
     return _finished(await load_raw(with_regions(located), to_device(device), verify), device, dtype)
 
 
-def _split_load(checkpoint: Checkpoint, device: Device, process_group: Any) -> SplitLoad:
+def _split_load(checkpoint: Checkpoint, device: Device, process_group: Any, verify: VerifyOption) -> SplitLoad:
     """A split-and-exchange load over ``process_group`` (True: the default group)."""
-    return SplitLoad(checkpoint, to_device(device), None if process_group is True else process_group)
+    return SplitLoad(checkpoint, to_device(device), None if process_group is True else process_group, verify)
 
 
 async def _split(
@@ -99,11 +99,11 @@ async def _split(
 ) -> dict[str, torch.Tensor]:
     """Everything asked for, split and exchanged; this rank's slices (``region_of``) fetched by itself.
     The progress bar counts the bytes this rank downloads."""
-    split = _split_load(checkpoint, device, process_group)
+    split = _split_load(checkpoint, device, process_group, verify)
     await split.agree(tensors, region_of)
     total = split.share_bytes(split.union) + total_bytes({f: [n for n, _ in w] for f, w in split.alone.items()})
     with reporting(checkpoint, total, progress):
-        return _finished(await split.run(split.union, verify, with_own_slices=True), device, dtype)
+        return _finished(await split.run(split.union, with_own_slices=True), device, dtype)
 
 
 def _finished(
@@ -327,33 +327,37 @@ async def iter_tensors_async(
     cfg = resolve(config, options)
     async with open_files(url, cfg, storage_options, stats) as checkpoint, contextlib.AsyncExitStack() as stack:
         check_verify(checkpoint, verify)
+        # Each batch is started ahead (``begin``, while the caller consumes the one before) and completed
+        # (``complete``) when its turn comes. A split load's collectives all run in ``complete``, inside
+        # this generator's own step: never in the background while the caller runs collectives of its own.
         if process_group is not None:
-            split = _split_load(checkpoint, device, process_group)
+            split = _split_load(checkpoint, device, process_group, verify)
             await split.agree(tensors)
             located: Mapping[RemoteFile, list[str]] = split.union
-            total = 0  # set below, once the batches are known
 
-            async def load_batch(batch: Mapping[RemoteFile, list[str]]) -> dict[str, torch.Tensor]:
-                return _finished(await split.run(batch, verify), device, dtype)
+            def begin(batch: Mapping[RemoteFile, list[str]]) -> asyncio.Future[Any]:
+                return asyncio.ensure_future(split.fetch(batch))
+
+            async def complete(batch: Mapping[RemoteFile, list[str]], started: Any) -> dict[str, torch.Tensor]:
+                return _finished(await split.exchange(batch, started), device, dtype)
         else:
             located = await checkpoint.locate(tensors)
-            total = total_bytes(located)
 
-            async def load_batch(batch: Mapping[RemoteFile, list[str]]) -> dict[str, torch.Tensor]:
-                return await _load_located(batch, device, dtype, verify)
+            def begin(batch: Mapping[RemoteFile, list[str]]) -> asyncio.Future[Any]:
+                return asyncio.ensure_future(_load_located(batch, device, dtype, verify))
+
+            async def complete(batch: Mapping[RemoteFile, list[str]], started: Any) -> dict[str, torch.Tensor]:
+                return started  # type: ignore[no-any-return]
 
         batches = _batches(located, cfg.max_inflight_bytes, min(cfg.part_size, cfg.max_inflight_bytes))
-        if process_group is not None:
-            total = sum(split.share_bytes(batch) for batch in batches)
+        total = sum(split.share_bytes(b) for b in batches) if process_group is not None else total_bytes(located)
         stack.enter_context(reporting(checkpoint, total, progress))
-        ahead: asyncio.Task[dict[str, torch.Tensor]] | None = None
+        ahead: asyncio.Future[Any] | None = None
         try:
             for index, batch in enumerate(batches):
-                current = ahead if ahead is not None else asyncio.ensure_future(load_batch(batch))
-                loaded = await current
-                ahead = None
-                if index + 1 < len(batches):
-                    ahead = asyncio.ensure_future(load_batch(batches[index + 1]))
+                started = await (ahead if ahead is not None else begin(batch))
+                ahead = begin(batches[index + 1]) if index + 1 < len(batches) else None
+                loaded = await complete(batch, started)
                 for name in list(loaded):
                     yield name, loaded.pop(name)
         finally:

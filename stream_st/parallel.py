@@ -16,13 +16,14 @@ import asyncio
 import fnmatch
 import hashlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ._loop import gather_or_cancel
 from .errors import FetchError, IntegrityError, ObjectChangedError, StreamSTError
+from .gpu import use_device
 from .header import TensorInfo
 from .regions import Region, split
 from .remote import RemoteFile
@@ -124,19 +125,35 @@ def shares(tensors: list[tuple[str, int, int]], world_size: int, min_split: int)
     return result
 
 
+@dataclass
+class Fetched:
+    """What one rank fetched of a part of a split load, before the exchange. A failure is kept in
+    ``error`` (not raised): the ranks share their errors first, so that none waits on a failed one."""
+
+    plan: dict[str, list[Share]]
+    error: str | None = None
+    pieces: dict[str, OutputTensor] = field(default_factory=dict)  # this rank's share
+    sliced: dict[str, OutputTensor] = field(default_factory=dict)  # its own tensor-parallel slices
+    receive: dict[str, OutputTensor] = field(default_factory=dict)  # whole tensors it asked for, to receive into
+
+
 class SplitLoad:
     """One split-and-exchange load over a torch.distributed group; every rank makes the same calls.
 
-    ``agree`` learns what every rank asked for; ``run`` then fetches this rank's share of some of those
-    tensors (all of them, or one batch of ``iter_tensors``), exchanges them and returns this rank's.
+    ``agree`` learns what every rank asked for; then, for all of it or one ``iter_tensors`` batch at a time,
+    ``fetch`` downloads this rank's share (no collective, so it can run ahead in the background) and
+    ``exchange`` shares errors, moves the pieces, verifies, and returns what this rank asked for.
+    Cancelling a load midway (``timeout=``, Ctrl-C, closing an iterator early) leaves the other ranks
+    waiting until the group's timeout: the group is then unusable, as after any abandoned collective.
     """
 
-    def __init__(self, checkpoint: Checkpoint, device: torch.device, group: Any) -> None:
+    def __init__(self, checkpoint: Checkpoint, device: torch.device, group: Any, verify: Any = None) -> None:
         import torch.distributed as dist
 
-        self.checkpoint, self.device, self.group = checkpoint, device, group
+        self.checkpoint, self.device, self.group, self.verify = checkpoint, device, group, verify
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
-        if dist.get_backend(group) == "nccl" and device.type != "cuda":
+        self.backend = dist.get_backend(group)
+        if self.backend == "nccl" and device.type != "cuda":
             raise ValueError(
                 f"{checkpoint.url}: the process group uses NCCL, which moves GPU tensors only, but device={device}; "
                 "load to this rank's GPU or pass a gloo group"
@@ -146,7 +163,7 @@ class SplitLoad:
         self.alone: dict[RemoteFile, list[tuple[str, Region | None]]] = {}  # this rank's own slices
 
     async def agree(self, selection: Selection, region_of: RegionOf = whole) -> None:
-        """Learn what every rank asked for (a rank whose request failed sends its error instead)."""
+        """Learn what every rank asked for, and check that all ranks will make the same collective calls."""
         error: str | None = None
         mine: list[str] = []
         try:
@@ -159,28 +176,31 @@ class SplitLoad:
                         self.alone.setdefault(file, []).append((name, region))
         except Exception as exc:  # shared, then raised on every rank
             error = _describe(exc)
-        requests = await self._all_gather((error, mine))
-        self._raise_if_failed([failure for failure, _ in requests])
-        asked = [set(names) for _, names in requests]
+        requests = await self._all_gather((error, mine, self._settings()))
+        self._raise_if_failed([failure for failure, _, _ in requests])
+        self._check_same([settings for _, _, settings in requests], "settings (part_size, max_inflight_bytes, verify)")
+        asked = [set(names) for _, names, _ in requests]
         wanted = set().union(*asked)
-        if wanted:
-            self.union = await self.checkpoint.locate(lambda name: name in wanted)
         self.asked_by = {name: [r for r in range(self.world) if name in asked[r]] for name in wanted}
-        await self._check_same_versions()
-
-    async def _check_same_versions(self) -> None:
-        """Every rank must have read the same version of each file, or the pieces would not fit together
-        (a file replaced between the ranks' header reads): each rank pins its own version, not the others'."""
-        seen = [_fingerprint(file) for file in self.union]
-        everyone = await self._all_gather(seen)
-        for rank, theirs in enumerate(everyone):
-            for file, ours, other in zip(self.union, seen, theirs):
-                if ours != other:
-                    raise ObjectChangedError(
-                        f"{file.url}: rank {rank} read another version of this file than rank {self.rank} "
-                        f"(size, header digest, version: {other} vs {ours}); it changed while the ranks opened it",
-                        url=file.url,
-                    )
+        seen: list[tuple[int, str, str | None]] = []
+        try:
+            if wanted:
+                self.union = await self.checkpoint.locate(lambda name: name in wanted)
+            seen = [_fingerprint(file) for file in self.union]
+        except Exception as exc:
+            error = _describe(exc)
+        versions = await self._all_gather((error, seen))
+        self._raise_if_failed([failure for failure, _ in versions])
+        self._check_same_versions([fingerprints for _, fingerprints in versions])
+        if (
+            self.backend == "gloo"
+            and self.device.type == "cuda"
+            and any(len(r) < self.world for r in self.asked_by.values())
+        ):
+            raise ValueError(
+                f"{self.checkpoint.url}: gloo cannot send GPU tensors point to point, and the ranks asked for "
+                "different tensors; use an NCCL group for GPU tensors"
+            )
 
     def plan(self, part: Mapping[RemoteFile, list[str]]) -> dict[str, list[Share]]:
         """Who fetches which rows of the tensors of ``part``."""
@@ -200,84 +220,106 @@ class SplitLoad:
         return mine
 
     async def run(
-        self, part: Mapping[RemoteFile, list[str]], verify: Any = None, *, with_own_slices: bool = False
+        self, part: Mapping[RemoteFile, list[str]], *, with_own_slices: bool = False
     ) -> dict[str, OutputTensor]:
-        """Fetch our share of ``part`` (a subset of ``union``; and our own slices), exchange, verify; returns
-        what this rank asked for, in file order."""
-        infos = {name: file.info(name) for file, names in part.items() for name in names}
-        plan = self.plan(part)
+        return await self.exchange(part, await self.fetch(part, with_own_slices=with_own_slices))
 
-        # 1. Fetch our pieces; agree that every rank succeeded before anyone waits on a transfer.
-        error: str | None = None
-        fetched: dict[str, OutputTensor] = {}
-        sliced: dict[str, OutputTensor] = {}
+    async def fetch(self, part: Mapping[RemoteFile, list[str]], *, with_own_slices: bool = False) -> Fetched:
+        """Download this rank's pieces of ``part`` (and its own slices) and allocate what it will receive."""
+        fetched = Fetched(self.plan(part))
         try:
             ours = {
-                file: [(share.name, _region(share)) for n in names for share in plan[n] if share.rank == self.rank]
+                file: [(s.name, _region(s)) for n in names for s in fetched.plan[n] if s.rank == self.rank]
                 for file, names in part.items()
             }
             loads = [load_raw({f: wanted for f, wanted in ours.items() if wanted}, self.device)]
             if with_own_slices and self.alone:
-                loads.append(load_raw(self.alone, self.device, verify))
+                loads.append(load_raw(self.alone, self.device, self.verify))
             loaded = await gather_or_cancel(*loads)
-            fetched, sliced = loaded[0], loaded[1] if len(loaded) > 1 else {}
+            fetched.pieces, fetched.sliced = loaded[0], loaded[1] if len(loaded) > 1 else {}
+            for file, names in part.items():  # allocated now, so that running out of memory is shared too
+                for name in names:
+                    owned = name in fetched.pieces and fetched.plan[name][0].whole
+                    if self.rank in self.asked_by[name] and not owned:
+                        info = file.info(name)
+                        fetched.receive[name] = output_tensor(info, info.shape, url=file.url, device=self.device)
         except Exception as exc:
-            error = _describe(exc)
-        self._raise_if_failed(await self._all_gather(error))
+            fetched.error = _describe(exc)
+        return fetched
 
-        # 2. Exchange, piece by piece, in the one order every rank follows.
+    async def exchange(self, part: Mapping[RemoteFile, list[str]], fetched: Fetched) -> dict[str, OutputTensor]:
+        """Share errors, move every piece to the ranks that asked, verify; what this rank asked, in file order."""
+        self._raise_if_failed(await self._all_gather(fetched.error))
         received: dict[str, OutputTensor] = {}
         for file, names in part.items():
-            for name in names:
-                out = await self._exchange(file, infos[name], plan[name], fetched.get(name))
+            for name in names:  # in the one order every rank follows
+                piece, into = fetched.pieces.pop(name, None), fetched.receive.pop(name, None)
+                out = await self._exchange(file.info(name), fetched.plan[name], piece, into)
                 if out is not None:
                     received[name] = out
-
-        # 3. Verify what we hold now, and agree on the outcome.
-        if verify:
+        if self.verify:
             error = None
             try:
                 for file, names in part.items():
                     held = {name: received[name] for name in names if name in received}
                     if held:
-                        await file.verify_loaded(verify, held)
+                        await file.verify_loaded(self.verify, held)
             except Exception as exc:
                 error = _describe(exc)
             self._raise_if_failed(await self._all_gather(error), IntegrityError)
-        files = self.checkpoint.in_order([*part, *(self.alone if with_own_slices else {})])
-        both = {**received, **sliced}
+        if self.device.type == "cuda":  # the transfers are ordered on the default stream; so must be the caller's
+            torch.cuda.current_stream(self.device).wait_stream(torch.cuda.default_stream(self.device))
+        files = self.checkpoint.in_order([*part, *(f for f in self.alone if fetched.sliced)])
+        both = {**received, **fetched.sliced}
         return {name: both[name] for file in files for name in file.header.offset_keys() if name in both}
 
     async def _exchange(
-        self, file: RemoteFile, info: TensorInfo, pieces: list[Share], fetched: OutputTensor | None
+        self, info: TensorInfo, pieces: list[Share], piece: OutputTensor | None, into: OutputTensor | None
     ) -> OutputTensor | None:
-        """Send our piece of one tensor to the ranks that asked for it, receive the others' pieces;
+        """Send our piece of one tensor to the ranks that asked for it and receive the others' into ``into``;
         returns the whole tensor if this rank asked for it."""
         receivers = self.asked_by[info.name]
         asked = self.rank in receivers
-        if fetched is not None and pieces[0].whole:
-            full: OutputTensor | None = fetched
-        elif asked:
-            full = output_tensor(info, info.shape, url=file.url, device=self.device)
-        else:
-            full = None
-        if not info.nbytes:
-            return full if asked else None
-        row_bytes = info.nbytes // max(1, pieces[-1].stop)
-        for share in pieces:
-            source = share.rank
-            if self.rank != source and not asked:
-                continue  # a point-to-point exchange that does not involve us
-            if self.rank == source:
-                assert fetched is not None
-                buffer = fetched.buffer
-                if full is not None and full is not fetched:  # our rows of a split tensor we also keep
-                    full.buffer[share.start * row_bytes : share.stop * row_bytes].copy_(buffer)
-            else:
-                assert full is not None
-                buffer = full.buffer if share.whole else full.buffer[share.start * row_bytes : share.stop * row_bytes]
-            await self._collective(_transfer, buffer, source, receivers, self.rank, self.world, self.group)
+        full = piece if piece is not None and pieces[0].whole else into
+        if info.nbytes:
+            row_bytes = info.nbytes // max(1, pieces[-1].stop)
+            for share in pieces:
+                source = share.rank
+                if self.rank != source and not asked:
+                    continue  # a point-to-point exchange that does not involve us
+                if self.rank == source:
+                    assert piece is not None
+                    buffer = piece.buffer
+                    if full is not None and full is not piece:  # our rows of a split tensor we also keep
+                        full.buffer[share.start * row_bytes : share.stop * row_bytes].copy_(buffer)
+                else:
+                    assert full is not None
+                    rows = slice(share.start * row_bytes, share.stop * row_bytes)
+                    buffer = full.buffer if share.whole else full.buffer[rows]
+                await self._collective(_transfer, buffer, source, receivers, self.rank, self.world, self.group)
         return full if asked else None
+
+    def _settings(self) -> tuple[int, int, bool]:
+        """What decides the plan and the number of collectives: it must be the same on every rank."""
+        config = self.checkpoint.engine.config
+        return config.part_size, config.max_inflight_bytes, bool(self.verify)
+
+    def _check_same(self, values: list[Any], what: str) -> None:
+        if any(value != values[0] for value in values):
+            detail = "; ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+            raise ValueError(f"{self.checkpoint.url}: the ranks differ in {what} ({detail}); they must agree")
+
+    def _check_same_versions(self, everyone: list[list[tuple[int, str, str | None]]]) -> None:
+        """Every rank must have read the same version of each file, or the pieces would not fit together
+        (a file replaced between the ranks' header reads): each rank pins its own version, not the others'."""
+        for rank, theirs in enumerate(everyone):
+            for file, first, other in zip(self.union, everyone[0], theirs):
+                if first != other:
+                    raise ObjectChangedError(
+                        f"{file.url}: rank {rank} read another version of this file than rank 0 "
+                        f"(size, header digest, version: {other} vs {first}); it changed while the ranks opened it",
+                        url=file.url,
+                    )
 
     async def _all_gather(self, value: Any) -> list[Any]:
         import torch.distributed as dist
@@ -287,14 +329,12 @@ class SplitLoad:
         return gathered
 
     async def _collective(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run a blocking collective on a helper thread, with this rank's GPU current there: CUDA's
-        current device is per thread, and NCCL's object collectives stage through the current one."""
+        """Run a blocking collective on a helper thread that has this rank's GPU current: NCCL's object
+        collectives stage through the current device, which is per thread."""
 
         def call() -> Any:
-            if self.device.type != "cuda":
-                return fn(*args)
-            with torch.cuda.device(self.device):
-                return fn(*args)
+            use_device(self.device)
+            return fn(*args)
 
         return await asyncio.to_thread(call)
 

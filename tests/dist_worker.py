@@ -38,6 +38,7 @@ def run_rank(rank: int, world: int, port: int, job: dict[str, Any], out: str) ->
     try:
         tensors = job["per_rank"][rank] if "per_rank" in job else job.get("tensors")
         options = {**job.get("options", {}), "stats": stats, "device": job.get("device", "cpu")}
+        options |= job["per_rank_options"][rank] if "per_rank_options" in job else {}
         reported: list[tuple[int, int]] = []
         options["progress"] = lambda done, total: reported.append((done, total))
         if job.get("tensor_parallel"):

@@ -288,3 +288,11 @@ def test_ranks_that_read_different_versions_all_raise(tmp_path: Path) -> None:
     for result in results:
         assert not result["ok"]
         assert result["error"].startswith("ObjectChangedError: ") and "read another version" in result["error"]
+
+
+def test_ranks_with_different_settings_all_raise(http: RangeServer, tmp_path: Path) -> None:
+    """part_size decides who fetches which rows: ranks that disagree would make different collective calls."""
+    job = {"url": http.url(NAME), "per_rank_options": [{"part_size": 65536}, {}], "options": {}}
+    for result in run_world(2, job, tmp_path):
+        assert not result["ok"]
+        assert result["error"].startswith("ValueError: ") and "the ranks differ in settings" in result["error"]
