@@ -4,7 +4,7 @@
 # It uses the device image's own python3 + CUDA torch (the tool carries no venv), installs the wheels
 # of .gpu-wheels/ (scripts/prepare-gpu-wheels.sh, run beforehand on the CPU machine) into /tmp, then
 #   1. preflight: GPU, python, versions, `import stream_st`            (~10 s)
-#   2. python3 -m pytest -m cuda                                       (timeout 150 s)
+#   2. python3 -m pytest -m cuda (CUDA, NCCL one-rank, host-RSS bound)  (timeout 180 s)
 #   3. python3 benchmarks/gpu.py                                       (timeout 300 s, rounds stop at 230 s)
 # Everything it prints also goes to $OUT/gpu-check.log; $OUT also gets preflight.txt, pytest-cuda.txt,
 # pytest-cuda.xml, gpu_results.md and gpu_results.json (6 files: the tool returns at most 8).
@@ -68,7 +68,7 @@ EOF
     local rc_tests=0 rc_bench=0
     if [ "${GPU_CHECK_SKIP_TESTS:-0}" != 1 ]; then
         echo; echo "== pytest -m cuda (+$((SECONDS - t0)) s)"
-        timeout -k 10 150 "$PY" -m pytest -m cuda -q -p no:cacheprovider --junitxml="$OUT/pytest-cuda.xml" tests 2>&1 \
+        timeout -k 10 180 "$PY" -m pytest -m cuda -q -p no:cacheprovider --junitxml="$OUT/pytest-cuda.xml" tests 2>&1 \
             | tee "$OUT/pytest-cuda.txt"
         rc_tests=${PIPESTATUS[0]}
         echo "pytest exit: $rc_tests"
