@@ -70,6 +70,18 @@ def test_failed_staged_load_returns_every_slot(staged: None, http: RangeServer) 
     assert pool.allocated >= 1 and pool.idle == pool.allocated
 
 
+def test_staged_iter_tensors_with_a_cast(staged: None, http: RangeServer, root: Path) -> None:
+    """Batches through the slots, cast after landing, in file order: as iter_tensors(url, "cuda", dtype=...)."""
+    url = http.url("layered.safetensors")
+    options = {"part_size": 16384, "pinned_pool_bytes": 2 * 16384, "max_inflight_bytes": 100_000}
+    got = list(sst.iter_tensors(url, "cpu", dtype=torch.float16, **options))
+    expected = safetensors.torch.load_file(str(root / "layered.safetensors"))
+    assert [name for name, _ in got] == [t.name for t in sst.read_header(str(root / "layered.safetensors"))]
+    for name, tensor in got:
+        assert_tensor_same(tensor, expected[name].to(torch.float16), name)
+    assert only_pool().idle == only_pool().allocated
+
+
 def test_slot_size_caps_the_part_size(staged: None, http: RangeServer, root: Path) -> None:
     stats = sst.Stats()
     loaded = sst.load_file(http.url("layered.safetensors"), "cpu", part_size=65536, pinned_pool_bytes=1, stats=stats)
