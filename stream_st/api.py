@@ -16,7 +16,7 @@ from .config import Config, resolve
 from .fetch import Engine, Stats
 from .header import Header
 from .integrity import VerifyOption, parse_digest
-from .parallel import RegionOf, SplitLoad, TensorParallel, load_raw, whole, with_regions
+from .parallel import Ranks, RegionOf, SplitLoad, TensorParallel, load_raw, whole, with_regions
 from .progress import ProgressOption, make_progress
 from .remote import RemoteFile
 from .select import Selection
@@ -82,34 +82,61 @@ async def _load_located(
     return _finished(await load_raw(with_regions(located), to_device(device), verify), device, dtype)
 
 
-def _split_load(checkpoint: Checkpoint, device: Device, process_group: Any, verify: VerifyOption) -> SplitLoad:
-    """A split-and-exchange load over ``process_group`` (True: the default group)."""
-    return SplitLoad(checkpoint, to_device(device), None if process_group is True else process_group, verify)
+def _ranks(process_group: Any, device: Device) -> Ranks | None:
+    """The group a split-and-exchange load runs over (``True``: the default group), or None."""
+    if process_group is None:
+        return None
+    return Ranks(None if process_group is True else process_group, to_device(device))
+
+
+@contextlib.asynccontextmanager
+async def _together(ranks: Ranks | None) -> AsyncIterator[None]:
+    """Around a whole load: a rank that fails before the ranks first meet still meets them, with its error."""
+    try:
+        yield
+    except Exception as exc:
+        if ranks is not None:
+            await ranks.share_early_failure(exc)
+        raise
+    finally:
+        if ranks is not None:
+            ranks.close()
 
 
 async def _split(
     checkpoint: Checkpoint,
+    ranks: Ranks,
     tensors: Selection,
     device: Device,
     dtype: torch.dtype | None,
     verify: VerifyOption,
-    process_group: Any,
     progress: ProgressOption,
     region_of: RegionOf = whole,
 ) -> dict[str, torch.Tensor]:
     """Everything asked for, split and exchanged; this rank's slices (``region_of``) fetched by itself.
     The progress bar counts the bytes this rank downloads."""
-    split = _split_load(checkpoint, device, process_group, verify)
+    split = SplitLoad(checkpoint, ranks, verify)
     await split.agree(tensors, region_of)
     total = split.share_bytes(split.union) + total_bytes({f: [n for n, _ in w] for f, w in split.alone.items()})
     with reporting(checkpoint, total, progress):
-        return _finished(await split.run(split.union, with_own_slices=True), device, dtype)
+        fetched = await split.fetch(split.union, with_own_slices=True)
+        return await split.exchange(split.union, fetched, lambda outputs: _finished(outputs, device, dtype))
 
 
 def _finished(
     outputs: Mapping[str, OutputTensor], device: Device, dtype: torch.dtype | None
 ) -> dict[str, torch.Tensor]:
-    return {name: finish(out, device, dtype) for name, out in outputs.items()}
+    tensors = {name: finish(out, device, dtype) for name, out in outputs.items()}
+    settle(device)
+    return tensors
+
+
+def settle(device: Device) -> None:
+    """Wait until the GPU work of a load (casts, small copies, transfers between ranks) is done: it was
+    queued on stream_st's own threads, and the caller may read the tensors on a stream of its own."""
+    target = to_device(device)
+    if target.type == "cuda":
+        torch.cuda.synchronize(target)
 
 
 def total_bytes(located: Mapping[RemoteFile, list[str]]) -> int:
@@ -254,11 +281,12 @@ async def load_file_async(
     cfg = resolve(config, options)
 
     async def load() -> dict[str, torch.Tensor]:
-        async with open_files(url, cfg, storage_options, stats) as checkpoint:
+        ranks = _ranks(process_group, device)
+        async with _together(ranks), open_files(url, cfg, storage_options, stats) as checkpoint:
             check_verify(checkpoint, verify)
             region_of = tensor_parallel.region if tensor_parallel else whole
-            if process_group is not None:
-                return await _split(checkpoint, tensors, device, dtype, verify, process_group, progress, region_of)
+            if ranks is not None:
+                return await _split(checkpoint, ranks, tensors, device, dtype, verify, progress, region_of)
             located = await checkpoint.locate(tensors)
             with reporting(checkpoint, total_bytes(located), progress):
                 outputs = await load_raw(with_regions(located, region_of), to_device(device), verify)
@@ -325,39 +353,39 @@ async def iter_tensors_async(
     split between the ranks and exchanged; every rank must then consume the whole iterator.
     """
     cfg = resolve(config, options)
-    async with open_files(url, cfg, storage_options, stats) as checkpoint, contextlib.AsyncExitStack() as stack:
+    ranks = _ranks(process_group, device)
+    async with (
+        _together(ranks),
+        open_files(url, cfg, storage_options, stats) as checkpoint,
+        contextlib.AsyncExitStack() as stack,
+    ):
         check_verify(checkpoint, verify)
-        # Each batch is started ahead (``begin``, while the caller consumes the one before) and completed
-        # (``complete``) when its turn comes. A split load's collectives all run in ``complete``, inside
-        # this generator's own step: never in the background while the caller runs collectives of its own.
-        if process_group is not None:
-            split = _split_load(checkpoint, device, process_group, verify)
+        # Each batch starts ahead, while the caller consumes the one before. A split load only fetches its
+        # share ahead; its collectives run when the batch's turn comes, inside this generator's own step,
+        # never in the background while the caller may run collectives of its own.
+        split = SplitLoad(checkpoint, ranks, verify) if ranks is not None else None
+        if split is not None:
             await split.agree(tensors)
             located: Mapping[RemoteFile, list[str]] = split.union
-
-            def begin(batch: Mapping[RemoteFile, list[str]]) -> asyncio.Future[Any]:
-                return asyncio.ensure_future(split.fetch(batch))
-
-            async def complete(batch: Mapping[RemoteFile, list[str]], started: Any) -> dict[str, torch.Tensor]:
-                return _finished(await split.exchange(batch, started), device, dtype)
         else:
             located = await checkpoint.locate(tensors)
 
-            def begin(batch: Mapping[RemoteFile, list[str]]) -> asyncio.Future[Any]:
-                return asyncio.ensure_future(_load_located(batch, device, dtype, verify))
-
-            async def complete(batch: Mapping[RemoteFile, list[str]], started: Any) -> dict[str, torch.Tensor]:
-                return started  # type: ignore[no-any-return]
+        def begin(batch: Mapping[RemoteFile, list[str]]) -> asyncio.Future[Any]:
+            if split is not None:
+                return asyncio.ensure_future(split.fetch(batch))
+            return asyncio.ensure_future(_load_located(batch, device, dtype, verify))
 
         batches = _batches(located, cfg.max_inflight_bytes, min(cfg.part_size, cfg.max_inflight_bytes))
-        total = sum(split.share_bytes(b) for b in batches) if process_group is not None else total_bytes(located)
+        total = sum(split.share_bytes(b) for b in batches) if split is not None else total_bytes(located)
         stack.enter_context(reporting(checkpoint, total, progress))
         ahead: asyncio.Future[Any] | None = None
         try:
             for index, batch in enumerate(batches):
                 started = await (ahead if ahead is not None else begin(batch))
                 ahead = begin(batches[index + 1]) if index + 1 < len(batches) else None
-                loaded = await complete(batch, started)
+                loaded: dict[str, torch.Tensor] = started
+                if split is not None:
+                    loaded = await split.exchange(batch, started, lambda outputs: _finished(outputs, device, dtype))
                 for name in list(loaded):
                     yield name, loaded.pop(name)
         finally:
@@ -461,13 +489,12 @@ async def load_model_async(
     groups = _tied_groups(model)
 
     async def load() -> tuple[list[str], list[str]]:
-        async with open_files(url, cfg, storage_options, stats) as checkpoint:
+        ranks = _ranks(process_group, device)
+        async with _together(ranks), open_files(url, cfg, storage_options, stats) as checkpoint:
             in_file = await checkpoint.names()
             check_verify(checkpoint, verify)
-            if process_group is not None:
-                state = await _split(
-                    checkpoint, model_keys.__contains__, device, dtype, verify, process_group, progress
-                )
+            if ranks is not None:
+                state = await _split(checkpoint, ranks, model_keys.__contains__, device, dtype, verify, progress)
             else:
                 located = await checkpoint.locate(lambda name: name in model_keys)
                 with reporting(checkpoint, total_bytes(located), progress):

@@ -16,6 +16,7 @@ import asyncio
 import fnmatch
 import hashlib
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,6 +126,45 @@ def shares(tensors: list[tuple[str, int, int]], world_size: int, min_split: int)
     return result
 
 
+class Ranks:
+    """A torch.distributed group as one load uses it: its collectives run one at a time, in order, on a
+    thread of their own that has this rank's GPU current (NCCL's object collectives stage through the
+    current device, which is per thread). Every rank makes the same calls in the same order."""
+
+    def __init__(self, group: Any, device: torch.device) -> None:
+        import torch.distributed as dist
+
+        self.group, self.device = group, device
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        self.backend = dist.get_backend(group)
+        self.joined = False  # whether this rank took part in the load's first gather
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream_st-collectives")
+
+    async def collective(self, fn: Callable[..., Any], *args: Any) -> Any:
+        def call() -> Any:
+            use_device(self.device)
+            return fn(*args)
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    async def all_gather(self, value: Any) -> list[Any]:
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * self.world
+        await self.collective(dist.all_gather_object, gathered, value, self.group)
+        self.joined = True
+        return gathered
+
+    async def share_early_failure(self, exc: BaseException) -> None:
+        """A rank that failed before the first gather (opening the checkpoint, checking its arguments) still
+        takes part in it, with its error, so that the other ranks raise too instead of waiting."""
+        if not self.joined and isinstance(exc, Exception):
+            await self.all_gather((_describe(exc), [], None))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False)  # a collective abandoned by a cancel cannot be waited for
+
+
 @dataclass
 class Fetched:
     """What one rank fetched of a part of a split load, before the exchange. A failure is kept in
@@ -137,27 +177,22 @@ class Fetched:
     receive: dict[str, OutputTensor] = field(default_factory=dict)  # whole tensors it asked for, to receive into
 
 
+Finish = Callable[[dict[str, OutputTensor]], dict[str, torch.Tensor]]
+
+
 class SplitLoad:
-    """One split-and-exchange load over a torch.distributed group; every rank makes the same calls.
+    """One split-and-exchange load; every rank makes the same calls.
 
     ``agree`` learns what every rank asked for; then, for all of it or one ``iter_tensors`` batch at a time,
     ``fetch`` downloads this rank's share (no collective, so it can run ahead in the background) and
-    ``exchange`` shares errors, moves the pieces, verifies, and returns what this rank asked for.
-    Cancelling a load midway (``timeout=``, Ctrl-C, closing an iterator early) leaves the other ranks
-    waiting until the group's timeout: the group is then unusable, as after any abandoned collective.
+    ``exchange`` moves the pieces, verifies and finishes the tensors, sharing every failure before and
+    after. Cancelling a load midway (``timeout=``, Ctrl-C, closing an iterator early) leaves the other
+    ranks waiting until the group's timeout: the group is then unusable, as after any abandoned collective.
     """
 
-    def __init__(self, checkpoint: Checkpoint, device: torch.device, group: Any, verify: Any = None) -> None:
-        import torch.distributed as dist
-
-        self.checkpoint, self.device, self.group, self.verify = checkpoint, device, group, verify
-        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
-        self.backend = dist.get_backend(group)
-        if self.backend == "nccl" and device.type != "cuda":
-            raise ValueError(
-                f"{checkpoint.url}: the process group uses NCCL, which moves GPU tensors only, but device={device}; "
-                "load to this rank's GPU or pass a gloo group"
-            )
+    def __init__(self, checkpoint: Checkpoint, ranks: Ranks, verify: Any = None) -> None:
+        self.checkpoint, self.ranks, self.verify = checkpoint, ranks, verify
+        self.rank, self.world, self.device = ranks.rank, ranks.world, ranks.device
         self.asked_by: dict[str, list[int]] = {}
         self.union: dict[RemoteFile, list[str]] = {}  # what some rank asked for whole, by file, in file order
         self.alone: dict[RemoteFile, list[tuple[str, Region | None]]] = {}  # this rank's own slices
@@ -167,6 +202,7 @@ class SplitLoad:
         error: str | None = None
         mine: list[str] = []
         try:
+            self._check_backend()
             for file, names in (await self.checkpoint.locate(selection)).items():
                 for name in names:
                     region = region_of(file.info(name))
@@ -176,12 +212,20 @@ class SplitLoad:
                         self.alone.setdefault(file, []).append((name, region))
         except Exception as exc:  # shared, then raised on every rank
             error = _describe(exc)
-        requests = await self._all_gather((error, mine, self._settings()))
+        requests = await self.ranks.all_gather((error, mine, self._settings()))
         self._raise_if_failed([failure for failure, _, _ in requests])
-        self._check_same([settings for _, _, settings in requests], "settings (part_size, max_inflight_bytes, verify)")
+        self._check_same(
+            [settings for _, _, settings in requests], "settings (part_size, max_inflight_bytes, verify, device type)"
+        )
         asked = [set(names) for _, names, _ in requests]
         wanted = set().union(*asked)
         self.asked_by = {name: [r for r in range(self.world) if name in asked[r]] for name in wanted}
+        point_to_point = any(len(ranks) < self.world for ranks in self.asked_by.values())
+        if self.ranks.backend == "gloo" and self.device.type == "cuda" and point_to_point:  # the same on every rank
+            raise ValueError(
+                f"{self.checkpoint.url}: gloo cannot send GPU tensors point to point, and the ranks asked for "
+                "different tensors; use an NCCL group for GPU tensors"
+            )
         seen: list[tuple[int, str, str | None]] = []
         try:
             if wanted:
@@ -189,18 +233,16 @@ class SplitLoad:
             seen = [_fingerprint(file) for file in self.union]
         except Exception as exc:
             error = _describe(exc)
-        versions = await self._all_gather((error, seen))
+        versions = await self.ranks.all_gather((error, seen))
         self._raise_if_failed([failure for failure, _ in versions])
-        self._check_same_versions([fingerprints for _, fingerprints in versions])
-        if (
-            self.backend == "gloo"
-            and self.device.type == "cuda"
-            and any(len(r) < self.world for r in self.asked_by.values())
-        ):
-            raise ValueError(
-                f"{self.checkpoint.url}: gloo cannot send GPU tensors point to point, and the ranks asked for "
-                "different tensors; use an NCCL group for GPU tensors"
-            )
+        for rank, theirs in enumerate(fingerprints for _, fingerprints in versions):
+            for file, first, other in zip(self.union, versions[0][1], theirs):
+                if first != other:  # each rank pins the version it read, but not the others'
+                    raise ObjectChangedError(
+                        f"{file.url}: rank {rank} read another version of this file than rank 0 "
+                        f"(size, header digest, version: {other} vs {first}); it changed while the ranks opened it",
+                        url=file.url,
+                    )
 
     def plan(self, part: Mapping[RemoteFile, list[str]]) -> dict[str, list[Share]]:
         """Who fetches which rows of the tensors of ``part``."""
@@ -218,11 +260,6 @@ class SplitLoad:
                 if share.rank == self.rank:
                     mine += sizes[name] if share.whole else (share.stop - share.start) * row_bytes
         return mine
-
-    async def run(
-        self, part: Mapping[RemoteFile, list[str]], *, with_own_slices: bool = False
-    ) -> dict[str, OutputTensor]:
-        return await self.exchange(part, await self.fetch(part, with_own_slices=with_own_slices))
 
     async def fetch(self, part: Mapping[RemoteFile, list[str]], *, with_own_slices: bool = False) -> Fetched:
         """Download this rank's pieces of ``part`` (and its own slices) and allocate what it will receive."""
@@ -247,9 +284,12 @@ class SplitLoad:
             fetched.error = _describe(exc)
         return fetched
 
-    async def exchange(self, part: Mapping[RemoteFile, list[str]], fetched: Fetched) -> dict[str, OutputTensor]:
-        """Share errors, move every piece to the ranks that asked, verify; what this rank asked, in file order."""
-        self._raise_if_failed(await self._all_gather(fetched.error))
+    async def exchange(
+        self, part: Mapping[RemoteFile, list[str]], fetched: Fetched, finish: Finish
+    ) -> dict[str, torch.Tensor]:
+        """Move every piece to the ranks that asked for it; then verify and ``finish`` (cast, place) what
+        this rank asked for. Failures are shared before the transfers and after the rest."""
+        self._raise_if_failed(await self.ranks.all_gather(fetched.error))
         received: dict[str, OutputTensor] = {}
         for file, names in part.items():
             for name in names:  # in the one order every rank follows
@@ -257,21 +297,25 @@ class SplitLoad:
                 out = await self._exchange(file.info(name), fetched.plan[name], piece, into)
                 if out is not None:
                     received[name] = out
-        if self.verify:
-            error = None
-            try:
+        error: str | None = None
+        finished: dict[str, torch.Tensor] = {}
+        try:
+            if self.verify:
                 for file, names in part.items():
                     held = {name: received[name] for name in names if name in received}
                     if held:
                         await file.verify_loaded(self.verify, held)
-            except Exception as exc:
-                error = _describe(exc)
-            self._raise_if_failed(await self._all_gather(error), IntegrityError)
-        if self.device.type == "cuda":  # the transfers are ordered on the default stream; so must be the caller's
-            torch.cuda.current_stream(self.device).wait_stream(torch.cuda.default_stream(self.device))
-        files = self.checkpoint.in_order([*part, *(f for f in self.alone if fetched.sliced)])
-        both = {**received, **fetched.sliced}
-        return {name: both[name] for file in files for name in file.header.offset_keys() if name in both}
+            files = self.checkpoint.in_order([*part, *(f for f in self.alone if fetched.sliced)])
+            both = {**received, **fetched.sliced}
+            finished = finish(
+                {name: both[name] for file in files for name in file.header.offset_keys() if name in both}
+            )
+        except Exception as exc:
+            error = _describe(exc)
+        errors = await self.ranks.all_gather(error)
+        integrity = any(e and e.startswith(f"{IntegrityError.__name__}:") for e in errors)
+        self._raise_if_failed(errors, IntegrityError if integrity else FetchError)
+        return finished
 
     async def _exchange(
         self, info: TensorInfo, pieces: list[Share], piece: OutputTensor | None, into: OutputTensor | None
@@ -296,47 +340,26 @@ class SplitLoad:
                     assert full is not None
                     rows = slice(share.start * row_bytes, share.stop * row_bytes)
                     buffer = full.buffer if share.whole else full.buffer[rows]
-                await self._collective(_transfer, buffer, source, receivers, self.rank, self.world, self.group)
+                args = (buffer, source, receivers, self.rank, self.world, self.ranks.group)
+                await self.ranks.collective(_transfer, *args)
         return full if asked else None
 
-    def _settings(self) -> tuple[int, int, bool]:
-        """What decides the plan and the number of collectives: it must be the same on every rank."""
+    def _check_backend(self) -> None:
+        if self.ranks.backend == "nccl" and self.device.type != "cuda":
+            raise ValueError(
+                f"{self.checkpoint.url}: the process group uses NCCL, which moves GPU tensors only, but "
+                f"device={self.device}; load to this rank's GPU or pass a gloo group"
+            )
+
+    def _settings(self) -> tuple[int, int, bool, str]:
+        """What decides the plan and the collective calls: it must be the same on every rank."""
         config = self.checkpoint.engine.config
-        return config.part_size, config.max_inflight_bytes, bool(self.verify)
+        return config.part_size, config.max_inflight_bytes, bool(self.verify), self.device.type
 
     def _check_same(self, values: list[Any], what: str) -> None:
         if any(value != values[0] for value in values):
             detail = "; ".join(f"rank {r}: {v}" for r, v in enumerate(values))
             raise ValueError(f"{self.checkpoint.url}: the ranks differ in {what} ({detail}); they must agree")
-
-    def _check_same_versions(self, everyone: list[list[tuple[int, str, str | None]]]) -> None:
-        """Every rank must have read the same version of each file, or the pieces would not fit together
-        (a file replaced between the ranks' header reads): each rank pins its own version, not the others'."""
-        for rank, theirs in enumerate(everyone):
-            for file, first, other in zip(self.union, everyone[0], theirs):
-                if first != other:
-                    raise ObjectChangedError(
-                        f"{file.url}: rank {rank} read another version of this file than rank 0 "
-                        f"(size, header digest, version: {other} vs {first}); it changed while the ranks opened it",
-                        url=file.url,
-                    )
-
-    async def _all_gather(self, value: Any) -> list[Any]:
-        import torch.distributed as dist
-
-        gathered: list[Any] = [None] * self.world
-        await self._collective(dist.all_gather_object, gathered, value, self.group)
-        return gathered
-
-    async def _collective(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run a blocking collective on a helper thread that has this rank's GPU current: NCCL's object
-        collectives stage through the current device, which is per thread."""
-
-        def call() -> Any:
-            use_device(self.device)
-            return fn(*args)
-
-        return await asyncio.to_thread(call)
 
     def _raise_if_failed(self, errors: list[str | None], error: type[StreamSTError] = FetchError) -> None:
         failed = [(r, e) for r, e in enumerate(errors) if e]

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ._loop import gather_or_cancel, run_sync
-from .api import Device, finish, to_device
+from .api import Device, finish, settle, to_device
 from .config import Config, resolve
 from .fetch import Engine
 from .header import TensorInfo
@@ -113,7 +113,9 @@ class AsyncSafeOpen:
             *(file.load(((n, None) for n in group), None, device) for file, group in located.items())
         )
         hosts = {name: host for loaded in loads for name, host in loaded.items()}
-        return {name: finish(hosts[name], self._device, self._dtype) for name in wanted}
+        tensors = {name: finish(hosts[name], self._device, self._dtype) for name in wanted}
+        settle(self._device)
+        return tensors
 
     async def get_slice(self, name: str) -> AsyncTensorSlice:
         """A lazy view of one tensor: ``(await f.get_slice(name)).read(index)`` fetches what the index needs."""
@@ -139,7 +141,9 @@ class AsyncTensorSlice:
         region = Region(0, *rows) if rows else None
         hosts = await self._file.load([(info.name, region)], None, to_device(self._handle._device))
         tensor = finish(hosts[info.name], self._handle._device, self._handle._dtype)
-        return tensor[local].contiguous() if local is not None else tensor
+        tensor = tensor[local].contiguous() if local is not None else tensor
+        settle(self._handle._device)
+        return tensor
 
 
 def covering_rows(info: TensorInfo, index: Index) -> tuple[tuple[int, int] | None, Index]:

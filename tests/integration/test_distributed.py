@@ -296,3 +296,13 @@ def test_ranks_with_different_settings_all_raise(http: RangeServer, tmp_path: Pa
     for result in run_world(2, job, tmp_path):
         assert not result["ok"]
         assert result["error"].startswith("ValueError: ") and "the ranks differ in settings" in result["error"]
+
+
+def test_a_rank_failing_to_open_the_checkpoint_makes_every_rank_raise(http: RangeServer, tmp_path: Path) -> None:
+    """Rank 1 cannot even read the index: it still meets the others, with its error, so no rank waits."""
+    missing = http.url("missing/model.safetensors.index.json")
+    job = {"per_rank_url": [http.url(NAME), missing], "options": {}}
+    results = run_world(2, job, tmp_path, timeout=60)
+    assert results[1]["error"].startswith("FileNotFoundError: ")
+    assert not results[0]["ok"]
+    assert "the distributed load failed on 1 rank(s) (rank 1: FileNotFoundError" in results[0]["error"]
