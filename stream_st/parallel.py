@@ -151,8 +151,8 @@ class Ranks:
         import torch.distributed as dist
 
         gathered: list[Any] = [None] * self.world
+        self.joined = True  # even if this gather fails: a second attempt would only wait as long again
         await self.collective(dist.all_gather_object, gathered, value, self.group)
-        self.joined = True
         return gathered
 
     async def share_early_failure(self, exc: BaseException) -> None:
