@@ -13,10 +13,11 @@ import torch
 
 from ._loop import close_soon, run_sync
 from .config import Config, resolve
+from .distributed import Ranks, SplitLoad
 from .fetch import Engine, Stats
 from .header import Header
 from .integrity import VerifyOption, parse_digest
-from .parallel import Ranks, RegionOf, SplitLoad, TensorParallel, load_raw, whole, with_regions
+from .parallel import RegionOf, TensorParallel, load_raw, whole, with_regions
 from .progress import ProgressOption, make_progress
 from .remote import RemoteFile
 from .select import Selection

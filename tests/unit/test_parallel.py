@@ -4,8 +4,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from stream_st.distributed import Share, shares
 from stream_st.header import TensorInfo
-from stream_st.parallel import Share, TensorParallel, shares
+from stream_st.parallel import TensorParallel
 from stream_st.regions import Region, split
 
 
