@@ -306,3 +306,15 @@ def test_a_rank_failing_to_open_the_checkpoint_makes_every_rank_raise(http: Rang
     assert results[1]["error"].startswith("FileNotFoundError: ")
     assert not results[0]["ok"]
     assert "the distributed load failed on 1 rank(s) (rank 1: FileNotFoundError" in results[0]["error"]
+
+
+def test_iter_tensors_failing_in_a_later_batch_makes_every_rank_raise(
+    http: RangeServer, root: Path, tmp_path: Path
+) -> None:
+    """The failure comes from a batch downloaded ahead, while earlier batches were being yielded."""
+    lm_head_end = sst.read_header(str(root / NAME)).tensors["lm_head.weight"].end
+    http.quirks.faults, http.quirks.fault_from = 1000, lm_head_end + 200_000  # well past the first batches
+    options = {"header_prefetch": PREFETCH, "max_inflight_bytes": 100_000, "part_size": 65536, "retries": 0}
+    job = {"url": http.url(NAME), "iter": True, "options": options}
+    for result in run_world(2, job, tmp_path, timeout=60):
+        assert not result["ok"] and "the distributed load failed on" in result["error"], result
