@@ -23,14 +23,17 @@ What one run does:
    - ``stream_st``: ``stream_st.load_file(url, "cuda")`` with STREAM_ST_MAX_CONCURRENCY=16;
    - ``stream_st_pool512``: the same with a 512 MiB pinned pool (32 slots) instead of 256 MiB;
    - ``iter``: ``stream_st.iter_tensors(url, "cuda")``: time to first tensor and to the last;
+   - ``stream_st_cpu``: ``stream_st.load_file(url)`` to host memory: with ``raw`` and ``stream_st``, it tells
+     which stage bounds a GPU load (the data plane, or the slot pipeline and copies);
    - ``verify``: ``stream_st.load_file(url, "cuda", verify="sha256:<whole file>")`` (the bytes go to the
      GPU as usual and are hashed in order, read back through a small host buffer: the cost of verifying);
 
 5. prints a Markdown table (GB/s, time to first tensor, peak RSS, whole-process wall), the ratio
    stream_st ÷ min(raw ceiling, pinned H2D) (target ≥ 0.90) and the overlap achieved: the share of the
    shorter stage (download at the raw ceiling, or copy at pinned H2D speed) that stream_st hid behind the
-   longer one, from those rates (conservative: the load's time also holds its allocation), and writes ``gpu_results.md`` and
-   ``gpu_results.json`` to $OUT when set (the device tool brings those back), else ``benchmarks/out/``.
+   longer one, from those rates (conservative: the load's time also holds its allocation), and writes
+   ``gpu_results.md`` and ``gpu_results.json`` to $OUT when set (the device tool brings those back), else
+   ``benchmarks/out/``.
 
 Timings of a load are taken inside the child after CUDA is initialised, around the call and a
 ``torch.cuda.synchronize()``; GB/s = file bytes ÷ that time. Peak RSS is the child's ``VmHWM`` (its
@@ -718,6 +721,7 @@ def gpu_report(
         ("safetensors", f'safetensors.torch.load_file(path in {path.parent.parent}, device="cuda")'),
         ("stream_st", f'stream_st.load_file(url, "cuda"), MAX_CONCURRENCY={a.threads}'),
         ("iter", f'stream_st.iter_tensors(url, "cuda"), MAX_CONCURRENCY={a.threads}'),
+        ("stream_st_cpu", f"stream_st.load_file(url) to host memory, MAX_CONCURRENCY={a.threads} (no GPU stage)"),
         ("stream_st_pool512", "as stream_st, PINNED_POOL_BYTES=512 MiB"),
         ("verify", 'as stream_st, verify="sha256:…" (whole file)'),
     ]
@@ -750,6 +754,9 @@ def gpu_report(
         f"- time to first tensor (iter_tensors, first = `{meta.get('first_tensor')}`): "
         f"{fmt(stats.get('iter', {}).get('ttft'), 3)} s",
         f"- overlap of download and host→device copy: {overlap(g.get('raw'), g.get('h2d'), g.get('stream_st'))}",
+        f"- which stage bounds it: stream_st to host ÷ raw = {ratio(g.get('stream_st_cpu'), g.get('raw'))} "
+        "(the data plane and fresh host memory), stream_st to cuda ÷ to host = "
+        f"{ratio(g.get('stream_st'), g.get('stream_st_cpu'))} (the slot pipeline and copies)",
     ]
     errors = [f"- {k} failures: {s['errors']}" for k, s in stats.items() if s["errors"]]
     return lines + errors, errors, stats
@@ -802,6 +809,7 @@ def gpu_main(a: argparse.Namespace) -> int:
             ("safetensors", "safetensors", common, {}),
             ("stream_st", "stream_st", common, sst_env),
             ("iter", "iter", common, sst_env),
+            ("stream_st_cpu", "cpu_stream_st", common, sst_env),
         ]
         if not a.quick:
             plan += [
