@@ -3,17 +3,24 @@ for credentials and presigned ranged GETs on stream_st's data plane."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 import safetensors.torch
 import torch
+from dist_worker import describe
 
 import stream_st as sst
 from checkpoints import assert_same, assert_tensor_same, sharded_reference
 
 pytestmark = pytest.mark.s3
+TESTS = Path(__file__).resolve().parents[1]
 
 
 def url(s3: Any, name: str) -> str:
@@ -105,3 +112,51 @@ def test_credentials_from_the_environment_as_aws_tools_find_them(
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     with pytest.raises(PermissionError):
         sst.load_file(url(s3, "small.safetensors"), storage_options={**options, "skip_instance_cache": True})
+
+
+_WHICH_CLIENT = """
+import json, sys
+import stream_st as sst
+from dist_worker import describe
+state = sst.load_file(sys.argv[1], storage_options=json.loads(sys.argv[2]))
+loaded = {name: describe(tensor) for name, tensor in state.items()}
+print(json.dumps({"tensors": loaded, "s3fs": "s3fs" in sys.modules, "aiobotocore": "aiobotocore" in sys.modules}))
+"""
+
+
+@pytest.mark.parametrize("extra", [{}, {"default_block_size": 1 << 20}], ids=["botocore-only", "s3fs-option"])
+def test_plain_options_skip_s3fs_others_use_it(s3: Any, root: Path, extra: dict[str, Any]) -> None:
+    """Options botocore takes as they are need no s3fs (its import is most of an S3 cold start's overhead);
+    an s3fs option (here default_block_size) still goes through s3fs. Both load the same tensors."""
+    options = {**s3.storage_options, **extra}
+    ran = subprocess.run(
+        [sys.executable, "-c", _WHICH_CLIENT, url(s3, "layered.safetensors"), json.dumps(options)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])},
+    )
+    assert ran.returncode == 0, ran.stderr
+    seen = json.loads(ran.stdout.splitlines()[-1])
+    reference = safetensors.torch.load_file(str(root / "layered.safetensors"))
+    assert seen["tensors"] == {name: describe(tensor) for name, tensor in reference.items()}
+    assert seen["s3fs"] == seen["aiobotocore"] == bool(extra)
+
+
+def test_botocore_presigns_the_url_s3fs_would(s3: Any) -> None:
+    """The same host, path and signed parameters as s3fs's own presigned URL (dates and signatures aside)."""
+    import s3fs
+
+    from stream_st.cloud import _PRESIGN_EXPIRES_S, _s3_client
+
+    key = "checkpoints/layered.safetensors"
+    ours = _s3_client(s3.storage_options).generate_presigned_url(
+        "get_object", Params={"Bucket": s3.bucket, "Key": key}, ExpiresIn=_PRESIGN_EXPIRES_S
+    )
+    theirs = s3fs.S3FileSystem(**s3.storage_options).url(f"{s3.bucket}/{key}", expires=_PRESIGN_EXPIRES_S)
+    a, b = urlsplit(ours), urlsplit(theirs)
+    assert (a.scheme, a.netloc, a.path) == (b.scheme, b.netloc, b.path)
+    varying = {"X-Amz-Date", "X-Amz-Signature", "X-Amz-Credential"}
+    assert {k: v for k, v in parse_qsl(a.query) if k not in varying} == {
+        k: v for k, v in parse_qsl(b.query) if k not in varying
+    }
