@@ -125,6 +125,11 @@ LOADS: dict[str, str] = {
     "start": "import torch, safetensors\nsd = {}",
     "stream_st": "import stream_st\nsd = stream_st.load_file(URL, storage_options=SO, direct_http=True)",
     "stream_st_fsspec": "import stream_st\nsd = stream_st.load_file(URL, storage_options=SO, direct_http=False)",
+    # An s3fs-only option (the block size of s3fs's file objects, unused by stream_st) makes s3fs presign.
+    "stream_st_s3fs_signs": (
+        "import stream_st\n"
+        "sd = stream_st.load_file(URL, storage_options={**SO, 'default_block_size': 1 << 24}, direct_http=True)"
+    ),
     "runai": (
         "from runai_model_streamer import SafetensorsStreamer\n"
         "with SafetensorsStreamer() as streamer:\n"
@@ -196,6 +201,11 @@ def s3_contenders(endpoint: str, key: str, secret: str, region: str) -> list[Con
             "stream_st_fsspec",
             "stream_st.load_file(s3://…, direct_http=False) (s3fs cat_file)",
             LOADS["stream_st_fsspec"],
+        ),
+        Contender(
+            "stream_st_s3fs_signs",
+            "stream_st.load_file(s3://…) with an s3fs-only option: s3fs presigns, not botocore alone",
+            LOADS["stream_st_s3fs_signs"],
         ),
         Contender("runai", "runai-model-streamer SafetensorsStreamer(s3://…)", LOADS["runai"], env=runai_env),
         Contender("boto3", "boto3 download_file + safetensors.torch.load_file", LOADS["boto3"]),
@@ -690,6 +700,13 @@ def ratios(name: str, rows: list[dict[str, Any]]) -> list[str]:
         lines.append(
             f"- direct_http=True ÷ direct_http=False = {ours['median_s']:.2f} / {fs_path['median_s']:.2f} = "
             f"**{ratio:.2f}×** ({faster} faster, by {abs(ours['median_s'] - fs_path['median_s']):.2f} s)"
+        )
+    s3fs_signs = get_row(rows, "stream_st_s3fs_signs")
+    if ours and s3fs_signs:
+        lines.append(
+            f"- botocore signs ÷ s3fs signs = {ours['median_s']:.2f} / {s3fs_signs['median_s']:.2f} = "
+            f"**{ours['median_s'] / s3fs_signs['median_s']:.2f}×** "
+            f"({s3fs_signs['median_s'] - ours['median_s']:+.2f} s: the import of s3fs and aiobotocore, mostly)"
         )
     if s3:
         if ours and runai:
