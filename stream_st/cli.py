@@ -8,6 +8,7 @@ import json
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -23,7 +24,8 @@ EXAMPLES = {
     "ls": "stream-st ls hf://org/repo\n  stream-st ls s3://bucket/checkpoints/step-1000/",
     "load": (
         "stream-st load https://host/model.safetensors --select 'model.layers.0.*' --dtype f16\n"
-        "  stream-st load s3://bucket/model/ --device cuda"
+        "  stream-st load s3://bucket/model/ --device cuda\n"
+        "  stream-st load hf://org/repo/model.safetensors --verify"
     ),
     "bench": "stream-st bench https://host/model.safetensors",
     "digest": (
@@ -105,22 +107,26 @@ async def _timed_load(
     device: str,
     storage_options: dict[str, Any] | None,
     progress: bool | None = None,
+    verify: bool | str | None = None,
 ) -> dict[str, Any]:
-    """Stream and report what it cost: seconds, bytes, requests, and time to first tensor."""
-    from .api import iter_tensors_async
+    """Stream and report what it cost: seconds, bytes, requests, and time to first tensor. With ``verify``
+    the load is one ``load_file`` (a whole file is hashed as it streams), so no tensor comes first."""
+    from .api import iter_tensors_async, load_file_async
     from .fetch import Stats
 
     stats = Stats()
     started = time.perf_counter()
     first: float | None = None
     tensors: dict[str, Any] = {}
-    stream = iter_tensors_async(
-        url, device, tensors=selection, dtype=dtype, storage_options=storage_options, progress=progress, stats=stats
-    )
-    async for name, tensor in stream:
-        if first is None:
-            first = time.perf_counter() - started
-        tensors[name] = tensor
+    options: dict[str, Any] = {"tensors": selection, "dtype": dtype, "storage_options": storage_options}
+    options |= {"progress": progress, "stats": stats}
+    if verify:
+        tensors = await load_file_async(url, device, verify=verify, **options)
+    else:
+        async for name, tensor in iter_tensors_async(url, device, **options):
+            if first is None:
+                first = time.perf_counter() - started
+            tensors[name] = tensor
     seconds = time.perf_counter() - started
     return {
         "tensors": tensors,
@@ -147,9 +153,17 @@ def cmd_load(args: argparse.Namespace) -> int:
     import torch
 
     dtype = getattr(torch, _DTYPES.get(args.dtype, args.dtype)) if args.dtype else None
+    from .errors import IntegrityWarning
+
     progress = False if args.no_progress else None
-    report = asyncio.run(_timed_load(args.url, args.select, dtype, args.device, _storage_options(args), progress))
+    options = _storage_options(args)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", IntegrityWarning)
+        report = asyncio.run(_timed_load(args.url, args.select, dtype, args.device, options, progress, args.verify))
     _print_report(report)
+    if args.verify:
+        unverified = [str(w.message) for w in caught if issubclass(w.category, IntegrityWarning)]
+        print("\n".join(f"NOT verified: {why}" for why in unverified) or "verified: every byte matched its digest")
     return 0
 
 
@@ -315,6 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     load.add_argument("--dtype", help="cast floating tensors: f16, bf16, f32")
     load.add_argument("--no-progress", action="store_true", help="no progress bar")
+    load.add_argument(
+        "--verify",
+        nargs="?",
+        const=True,
+        metavar="DIGEST",
+        help="check the bytes: the store's digest or a sidecar; 'strict'; or 'sha256:<hex>' of the file",
+    )
     load.set_defaults(run=cmd_load)
     digest = command("digest", "write <file>.sha256.json: the sha256 of each file and of each tensor")
     digest.add_argument("--output-dir", default=".", help="where to write the sidecars (default: here)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -40,6 +41,18 @@ def test_load_and_bench_report(http: RangeServer, capsys: pytest.CaptureFixture[
     assert "loaded 1 tensors" in capsys.readouterr().out
     assert main(["bench", "--repeats", "1", http.url("layered.safetensors")]) == 0
     assert "× the raw read of the same bytes" in capsys.readouterr().out
+
+
+def test_load_verify(http: RangeServer, root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = http.url("layered.safetensors")
+    digest = "sha256:" + hashlib.sha256((root / "layered.safetensors").read_bytes()).hexdigest()
+    assert main(["load", url, "--verify", digest]) == 0
+    assert "verified: every byte matched its digest" in capsys.readouterr().out
+    assert main(["load", url, "--verify", "sha256:" + "0" * 64]) == 1
+    assert "sha256 of the streamed bytes is" in capsys.readouterr().err
+    assert main(["load", url, "--select", "lm_head.weight", "--verify"]) == 0  # partial, and no sidecar
+    assert "NOT verified:" in capsys.readouterr().out
+    assert main(["load", url, "--select", "lm_head.weight", "--verify", "strict"]) == 1
 
 
 def test_errors_are_one_line_and_exit_non_zero(http: RangeServer, capsys: pytest.CaptureFixture[str]) -> None:
