@@ -217,21 +217,25 @@ class SplitLoad:
         """Download this rank's pieces of ``part`` (and its own slices) and allocate what it will receive."""
         fetched = Fetched(self.plan(part))
         try:
+            into: dict[str, torch.Tensor] = {}  # our rows of split tensors we keep: landed in place, not copied
+            for file, names in part.items():  # allocated inside the try: running out of memory is shared too
+                for name in names:
+                    pieces, info = fetched.plan[name], file.info(name)
+                    if self.rank in self.asked_by[name] and not (pieces[0].whole and pieces[0].rank == self.rank):
+                        receive = output_tensor(info, info.shape, url=file.url, device=self.device)
+                        fetched.receive[name] = receive
+                        for share in pieces:
+                            if share.rank == self.rank:
+                                into[name] = receive.buffer[_byte_range(share, info, pieces)]
             ours = {
                 file: [(s.name, _region(s)) for n in names for s in fetched.plan[n] if s.rank == self.rank]
                 for file, names in part.items()
             }
-            loads = [load_raw({f: wanted for f, wanted in ours.items() if wanted}, self.device)]
+            loads = [load_raw({f: wanted for f, wanted in ours.items() if wanted}, self.device, into=into)]
             if with_own_slices and self.alone:
                 loads.append(load_raw(self.alone, self.device, self.verify))
             loaded = await gather_or_cancel(*loads)
             fetched.pieces, fetched.sliced = loaded[0], loaded[1] if len(loaded) > 1 else {}
-            for file, names in part.items():  # allocated now, so that running out of memory is shared too
-                for name in names:
-                    owned = name in fetched.pieces and fetched.plan[name][0].whole
-                    if self.rank in self.asked_by[name] and not owned:
-                        info = file.info(name)
-                        fetched.receive[name] = output_tensor(info, info.shape, url=file.url, device=self.device)
         except Exception as exc:
             fetched.error = _describe(exc)
         return fetched
@@ -278,7 +282,6 @@ class SplitLoad:
         asked = self.rank in receivers
         full = piece if piece is not None and pieces[0].whole else into
         if info.nbytes:
-            row_bytes = info.nbytes // max(1, pieces[-1].stop)
             for share in pieces:
                 source = share.rank
                 if self.rank != source and not asked:
@@ -287,11 +290,12 @@ class SplitLoad:
                     assert piece is not None
                     buffer = piece.buffer
                     if full is not None and full is not piece:  # our rows of a split tensor we also keep
-                        full.buffer[share.start * row_bytes : share.stop * row_bytes].copy_(buffer)
+                        ours = full.buffer[_byte_range(share, info, pieces)]
+                        if ours.data_ptr() != buffer.data_ptr():  # they did not land in place (fetch)
+                            ours.copy_(buffer)
                 else:
                     assert full is not None
-                    rows = slice(share.start * row_bytes, share.stop * row_bytes)
-                    buffer = full.buffer if share.whole else full.buffer[rows]
+                    buffer = full.buffer[_byte_range(share, info, pieces)]
                 args = (buffer, source, receivers, self.rank, self.world, self.ranks.group)
                 await self.ranks.collective(_transfer, *args)
         return full if asked else None
@@ -325,6 +329,14 @@ def _fingerprint(file: RemoteFile) -> tuple[int, str, str | None]:
     """What identifies the version of a file a rank read: size, header digest, and the store's version."""
     version = file.source.version if file.source.version_is_global else None
     return file.header.file_size, hashlib.sha256(file.header_bytes()).hexdigest()[:16], version
+
+
+def _byte_range(share: Share, info: TensorInfo, pieces: list[Share]) -> slice:
+    """Where ``share``'s rows lie in the tensor's flat bytes."""
+    if share.whole:
+        return slice(None)
+    row_bytes = info.nbytes // pieces[-1].stop  # split tensors have rows of whole bytes (see shares)
+    return slice(share.start * row_bytes, share.stop * row_bytes)
 
 
 def _region(share: Share) -> Region | None:

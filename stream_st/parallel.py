@@ -59,7 +59,10 @@ def with_regions(located: Mapping[RemoteFile, list[str]], region_of: RegionOf = 
     return {file: [(name, region_of(file.info(name))) for name in names] for file, names in located.items()}
 
 
-async def load_raw(requests: Requests, device: torch.device, verify: Any = None) -> dict[str, OutputTensor]:
-    """Every file's requests fetched concurrently as raw outputs (one engine), in file order."""
-    loads = await gather_or_cancel(*(file.load(wanted, verify, device) for file, wanted in requests.items()))
+async def load_raw(
+    requests: Requests, device: torch.device, verify: Any = None, into: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, OutputTensor]:
+    """Every file's requests fetched concurrently as raw outputs (one engine), in file order; ``into``: see
+    ``RemoteFile.load``."""
+    loads = await gather_or_cancel(*(file.load(wanted, verify, device, into) for file, wanted in requests.items()))
     return {name: outputs.pop(name) for wanted, outputs in zip(requests.values(), loads) for name, _ in wanted}

@@ -98,8 +98,10 @@ class RemoteFile:
         requests: Iterable[tuple[str, Region | None]],
         verify: VerifyOption = None,
         device: torch.device | None = None,
+        into: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, OutputTensor]:
-        """Fetch tensors (or a region of one dimension of them) into newly allocated tensors, concurrently.
+        """Fetch tensors (or a region of one dimension of them) into newly allocated tensors, concurrently,
+        or into the flat buffers ``into`` names for them where those are where the bytes land anyway.
 
         On the host, bytes land straight in the outputs; for another ``device`` they pass through the
         shared pinned slot pool (gpu.py). With ``verify``, they are checked against a digest before being
@@ -115,7 +117,11 @@ class RemoteFile:
             if region is not None:
                 region.check(info, self.url)
             shape = region.shape(info) if region else info.shape
-            out = output_tensor(info, shape, url=self.url, device=device if staged else None)
+            landing = device if staged else None
+            given = (into or {}).get(name)
+            if given is not None and given.device != (landing or torch.device("cpu")):
+                given = None  # e.g. a server without ranges: the bytes land in host memory first
+            out = output_tensor(info, shape, url=self.url, device=landing, buffer=given)
             outputs[name] = out
             spans = region.spans(info) if region else [(info.start, info.end, 0)]
             for start, end, offset in spans:

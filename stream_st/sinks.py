@@ -32,10 +32,15 @@ class OutputTensor:
 
 
 def output_tensor(
-    info: TensorInfo, shape: tuple[int, ...], *, url: str, device: torch.device | None = None
+    info: TensorInfo,
+    shape: tuple[int, ...],
+    *,
+    url: str,
+    device: torch.device | None = None,
+    buffer: torch.Tensor | None = None,
 ) -> OutputTensor:
     """Allocate an output of ``shape`` for (part of) ``info`` on ``device`` (default: host memory), after
-    the header was validated."""
+    the header was validated; or use ``buffer``, flat uint8 memory of that size (a slice of a larger output)."""
     dtype = to_torch(info.dtype)
     if dtype is None:
         raise UnsupportedDtypeError(
@@ -44,6 +49,9 @@ def output_tensor(
             tensor=info.name,
         )
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if buffer is not None:
+        assert buffer.dtype == torch.uint8 and buffer.numel() == nbytes, (info.name, buffer.numel(), nbytes)
+        return OutputTensor(buffer, dtype, shape)
     return OutputTensor(torch.empty(nbytes, dtype=torch.uint8, device=device), dtype, shape)
 
 
