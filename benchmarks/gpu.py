@@ -22,11 +22,16 @@ What one run does:
    - ``safetensors``: ``safetensors.torch.load_file(path, device="cuda")`` from /dev/shm (page cache);
    - ``stream_st``: ``stream_st.load_file(url, "cuda")`` with STREAM_ST_MAX_CONCURRENCY=16;
    - ``stream_st_pool512``: the same with a 512 MiB pinned pool (32 slots) instead of 256 MiB;
+   - ``stream_st_part8``: the same with 8 MiB parts, so 8 MiB slots (a cold process pins half as much);
    - ``iter``: ``stream_st.iter_tensors(url, "cuda")``: time to first tensor and to the last;
    - ``stream_st_cpu``: ``stream_st.load_file(url)`` to host memory: with ``raw`` and ``stream_st``, it tells
      which stage bounds a GPU load (the data plane, or the slot pipeline and copies);
    - ``verify``: ``stream_st.load_file(url, "cuda", verify="sha256:<whole file>")`` (the bytes go to the
      GPU as usual and are hashed in order, read back through a small host buffer: the cost of verifying);
+   - ``sha256``: hashlib.sha256 over the page-cached file, no torch: the hash rate that bounds ``verify``;
+
+   and, once, untimed in the table, a ``timeline`` child: two loads in one process with their phases timed
+   (call → first part, output allocation, slot waits, read window, tail), to say where a load's time goes;
 
 5. prints a Markdown table (GB/s, time to first tensor, peak RSS, whole-process wall), the ratio
    stream_st ÷ min(raw ceiling, pinned H2D) (target ≥ 0.90) and the overlap achieved: the share of the
@@ -329,6 +334,103 @@ def child_stream_st(args: dict[str, Any]) -> dict[str, Any]:
     return {"seconds": seconds, "bytes": args["bytes"]} | _loaded(torch, state, args)
 
 
+def child_sha256(args: dict[str, Any]) -> dict[str, Any]:
+    """The hash rate that bounds ``verify=``: hashlib.sha256 over the page-cached file, 4 MiB at a time."""
+    import hashlib
+    import mmap
+
+    with open(args["path"], "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        view = memoryview(mapped)
+        hashlib.sha256(view[: 64 * MiB]).digest()  # fault the mapping's first pages in before timing
+        t0 = time.perf_counter()
+        h = hashlib.sha256()
+        for at in range(0, len(view), 4 * MiB):
+            h.update(view[at : at + 4 * MiB])
+        seconds = time.perf_counter() - t0
+        del view
+    if args.get("sha256") and h.hexdigest() != args["sha256"]:
+        raise RuntimeError("sha256 differs from the generator's")
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")), "?")
+    return {"seconds": seconds, "bytes": args["bytes"], "cpu": model, "sha_ni": " sha_ni" in flags}
+
+
+def child_timeline(args: dict[str, Any]) -> dict[str, Any]:
+    """Where a GPU load's time goes: two ``load_file(url, "cuda")`` in one process (the first allocates the
+    pinned pool, the second reuses it; the CUDA caching allocator is emptied between them), with the
+    phases timed by wrapping stream_st's internals. Diagnostic only: not a row of the table."""
+    torch = _cuda_ready()
+    import threading
+
+    import stream_st
+    from stream_st import fetch, gpu, remote
+
+    spans: list[tuple[str, float, float]] = []
+    lock = threading.Lock()
+
+    def timed(owner: Any, name: str) -> None:
+        original = getattr(owner, name)
+
+        def wrapper(*a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return original(*a, **k)
+            finally:
+                with lock:
+                    spans.append((name, t, time.perf_counter()))
+
+        setattr(owner, name, wrapper)
+
+    for owner, name in [
+        (gpu.PinnedPool, "acquire"),
+        (fetch.Engine, "_read_part"),
+        (gpu.DeviceStaging, "ship"),
+        (gpu.DeviceStaging, "finish"),
+        (remote, "output_tensor"),
+    ]:
+        timed(owner, name)
+    remote.RemoteFile.stage_cpu_loads = DEVICE == "cpu"  # a dry run takes the slot path too
+    threads = int(os.environ.get("STREAM_ST_MAX_CONCURRENCY", "16"))
+    loads = []
+    for label in ("cold pool", "warm pool"):
+        spans.clear()
+        torch.cuda.empty_cache()
+        t0 = time.perf_counter()
+        state = stream_st.load_file(args["url"], DEVICE)
+        _sync(torch)
+        t1 = time.perf_counter()
+        _loaded(torch, state, args)
+        del state
+
+        def of(name: str) -> list[tuple[str, float, float]]:
+            return [s for s in spans if s[0] == name]
+
+        reads, acquires = of("_read_part"), of("acquire")
+        first = min(s[1] for s in acquires)
+        window = max(s[2] for s in reads) - min(s[1] for s in reads)
+        loads.append(
+            {
+                "load": label,
+                "seconds": round(t1 - t0, 4),
+                "gbps": round(args["bytes"] / (t1 - t0) / 1e9, 2),
+                "before_first_part_s": round(first - t0, 4),
+                "allocate_outputs_s": round(sum(e - b for _, b, e in of("output_tensor")), 4),
+                "acquire_s": {
+                    "first_wave_max": round(max(e - b for _, b, e in acquires[:threads]), 4),
+                    "total": round(sum(e - b for _, b, e in acquires), 4),
+                },
+                "parts": len(reads),
+                "read_window_s": round(window, 4),
+                "gbps_in_read_window": round(args["bytes"] / window / 1e9, 2),
+                "read_busy_share": round(sum(e - b for _, b, e in reads) / (threads * window), 3),
+                "ship_total_s": round(sum(e - b for _, b, e in of("ship")), 4),
+                "after_last_read_s": round(t1 - max(s[2] for s in reads), 4),
+                "finish_s": round(sum(e - b for _, b, e in of("finish")), 4),
+            }
+        )
+    return {"loads": loads, "stream_st": stream_st.__version__}
+
+
 def child_iter(args: dict[str, Any]) -> dict[str, Any]:
     torch = _cuda_ready()
     import stream_st
@@ -410,6 +512,8 @@ CHILDREN: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "iter": child_iter,
     "check": child_check,
     "cpu_stream_st": child_cpu_stream_st,
+    "sha256": child_sha256,
+    "timeline": child_timeline,
 }
 
 
@@ -712,6 +816,7 @@ def gpu_report(
     check: dict[str, Any],
     runs: dict[str, list[dict[str, Any]]],
     rounds: int,
+    timeline: dict[str, Any],
 ) -> tuple[list[str], list[str], dict[str, Any]]:
     stats = {key: summarize(r) for key, r in runs.items()}
     rows = [
@@ -723,7 +828,9 @@ def gpu_report(
         ("iter", f'stream_st.iter_tensors(url, "cuda"), MAX_CONCURRENCY={a.threads}'),
         ("stream_st_cpu", f"stream_st.load_file(url) to host memory, MAX_CONCURRENCY={a.threads} (no GPU stage)"),
         ("stream_st_pool512", "as stream_st, PINNED_POOL_BYTES=512 MiB"),
+        ("stream_st_part8", "as stream_st, PART_SIZE=8 MiB (8 MiB slots: half the memory to pin in a cold process)"),
         ("verify", 'as stream_st, verify="sha256:…" (whole file)'),
+        ("sha256", "hashlib.sha256 of the page-cached file (mmap, 4 MiB updates): the rate that bounds verify"),
     ]
     g = {k: s["gbps"] for k, s in stats.items()}
     limit = min((v for v in (g.get("raw"), g.get("h2d")) if v), default=None)
@@ -748,9 +855,12 @@ def gpu_report(
         "",
         f"- limit = min(raw ceiling, pinned H2D) = {fmt(limit)} GB/s",
         f"- **stream_st ÷ limit = {ratio(g.get('stream_st'), limit)}** (target ≥ 0.90); "
-        f"pool 512 MiB ÷ limit = {ratio(g.get('stream_st_pool512'), limit)}",
+        f"pool 512 MiB ÷ limit = {ratio(g.get('stream_st_pool512'), limit)}; "
+        f"8 MiB parts ÷ limit = {ratio(g.get('stream_st_part8'), limit)}",
         f"- stream_st ÷ safetensors(page cache) = {ratio(g.get('stream_st'), g.get('safetensors'))}; "
-        f"verify ÷ stream_st = {ratio(g.get('verify'), g.get('stream_st'))}",
+        f"verify ÷ stream_st = {ratio(g.get('verify'), g.get('stream_st'))}; verify ÷ sha256 rate = "
+        f"{ratio(g.get('verify'), g.get('sha256'))} (1.00: verifying costs only what hashing needs; CPU "
+        f"{_first(runs.get('sha256'), 'cpu')}, sha_ni {_first(runs.get('sha256'), 'sha_ni')})",
         f"- time to first tensor (iter_tensors, first = `{meta.get('first_tensor')}`): "
         f"{fmt(stats.get('iter', {}).get('ttft'), 3)} s",
         f"- overlap of download and host→device copy: {overlap(g.get('raw'), g.get('h2d'), g.get('stream_st'))}",
@@ -758,8 +868,41 @@ def gpu_report(
         "(the data plane and fresh host memory), stream_st to cuda ÷ to host = "
         f"{ratio(g.get('stream_st'), g.get('stream_st_cpu'))} (the slot pipeline and copies)",
     ]
+    lines += timeline_lines(timeline)
     errors = [f"- {k} failures: {s['errors']}" for k, s in stats.items() if s["errors"]]
     return lines + errors, errors, stats
+
+
+def _first(runs: list[dict[str, Any]] | None, key: str) -> Any:
+    return next((r[key] for r in runs or [] if key in r), "?")
+
+
+def timeline_lines(timeline: dict[str, Any]) -> list[str]:
+    """The diagnostic child's phases of one load, as a small table."""
+    if "loads" not in timeline:
+        return [f"- timeline of one load: {timeline.get('error', 'not run')[-400:]}"] if timeline else []
+    keys = [
+        ("seconds", "load s"),
+        ("gbps", "GB/s"),
+        ("before_first_part_s", "call → first part s (header, allocation)"),
+        ("allocate_outputs_s", "allocating outputs s"),
+        ("acquire_s", "slot acquire s (first wave max / total)"),
+        ("read_window_s", "first read → last read s"),
+        ("gbps_in_read_window", "GB/s in that window"),
+        ("read_busy_share", "share of threads × window spent reading"),
+        ("ship_total_s", "queuing copies s (total)"),
+        ("after_last_read_s", "last read → return s"),
+    ]
+    loads = timeline["loads"]
+    lines = ["", "Where one load's time goes (one process, two loads; diagnostic child, phases timed in-process):", ""]
+    lines += ["| phase | " + " | ".join(load["load"] for load in loads) + " |", "|---|" + "---|" * len(loads)]
+    for key, label in keys:
+        cells = []
+        for load in loads:
+            v = load.get(key)
+            cells.append(f"{v['first_wave_max']} / {v['total']}" if isinstance(v, dict) else str(v))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def gpu_main(a: argparse.Namespace) -> int:
@@ -802,6 +945,8 @@ def gpu_main(a: argparse.Namespace) -> int:
             f"check: {'bit-exact' if check.get('bit_exact') else 'FAILED: ' + check.get('error', '?')[-800:]}",
             flush=True,
         )
+        timeline = run_child("timeline", common, sst_env, timeout=a.child_timeout)
+        print("\n".join(timeline_lines(timeline)), flush=True)
         plan: Plan = [
             ("raw", "raw", {"url": url, "size": meta["bytes"], "threads": a.threads, "part": 16 * MiB}, {}),
             ("h2d", "h2d", {"slot": 16 * MiB, "iters": 256}, {}),
@@ -814,15 +959,18 @@ def gpu_main(a: argparse.Namespace) -> int:
         if not a.quick:
             plan += [
                 ("stream_st_pool512", "stream_st", common, sst_env | {"STREAM_ST_PINNED_POOL_BYTES": str(512 * MiB)}),
+                ("stream_st_part8", "stream_st", common, sst_env | {"STREAM_ST_PART_SIZE": str(8 * MiB)}),
                 ("verify", "stream_st", common | {"verify": True}, sst_env),
+                ("sha256", "sha256", common, {}),
             ]
 
         def save(runs: dict[str, list[dict[str, Any]]], rounds: int) -> tuple[list[str], list[str]]:
-            lines, errors, stats = gpu_report(a, probe, meta, path, check, runs, rounds)
+            lines, errors, stats = gpu_report(a, probe, meta, path, check, runs, rounds, timeline)
             data = {
                 "probe": probe,
                 "checkpoint": meta,
                 "check": check,
+                "timeline": timeline,
                 "runs": runs,
                 "stats": stats,
                 "args": vars(a),

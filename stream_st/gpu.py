@@ -194,7 +194,7 @@ class DeviceBytes:
         step = len(self.bounce)
         for at in range(start, end, step):
             size = min(step, end - at)
-            # A blocking copy (pageable destination): it completes before the bytes are hashed, and it
-            # runs after every copy into this tensor that landed() reported (their events were waited on).
+            # A blocking copy: it completes before the bytes are hashed, and it runs after every copy
+            # into this tensor that landed() reported (their events were waited on).
             self.bounce[:size].copy_(self.tensor[at : at + size])
             yield self._view[:size]

@@ -109,8 +109,9 @@ class OrderedHasher:
 
     ``segments`` are (start, end, memory) runs that together cover [0, size) once; memory on a GPU is
     read back in chunks (far faster than the hash rate, and host memory stays bounded). ``landed(start,
-    end)`` is called from worker threads; whichever thread completes the next bytes in order hashes them,
-    under a lock, while the other threads keep downloading: hashing costs only what the hash rate requires.
+    end)`` is called from worker threads and never waits for the hash: one thread at a time hashes, and it
+    goes on until it has caught up with every byte that landed in order meanwhile, while the other threads
+    keep downloading. So a verified load takes about max(download, hash) instead of their sum.
     """
 
     url: str
@@ -118,8 +119,10 @@ class OrderedHasher:
     expected: Digest
     segments: list[tuple[int, int, Memory]]
     hasher: Hasher = field(init=False)
-    frontier: int = field(init=False, default=0)
+    frontier: int = field(init=False, default=0)  # bytes hashed; only the hashing thread moves it
+    _ready: int = field(init=False, default=0)  # end of the bytes landed in order so far
     _done: list[tuple[int, int]] = field(init=False, default_factory=list)
+    _hashing: bool = field(init=False, default=False)
     _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
     _next_segment: int = field(init=False, default=0)
 
@@ -131,10 +134,23 @@ class OrderedHasher:
         with self._lock:
             self._done.append((start, end))
             self._done.sort()
-            advanced = self.frontier
-            while self._done and self._done[0][0] <= advanced:
-                advanced = max(advanced, self._done.pop(0)[1])
-            self._hash_until(advanced)
+            while self._done and self._done[0][0] <= self._ready:
+                self._ready = max(self._ready, self._done.pop(0)[1])
+            if self._hashing:
+                return  # the thread hashing now takes these bytes too before it stops
+            self._hashing = True
+        try:
+            while True:
+                with self._lock:
+                    ready = self._ready
+                    if self.frontier >= ready:
+                        self._hashing = False
+                        return
+                self._hash_until(ready)  # outside the lock: landing parts never wait for the hash
+        except BaseException:
+            with self._lock:
+                self._hashing = False
+            raise
 
     def _hash_until(self, end: int) -> None:
         while self.frontier < end and self._next_segment < len(self.segments):

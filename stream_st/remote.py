@@ -36,7 +36,10 @@ def _hashable_memories(outputs: Mapping[str, OutputTensor], staged: bool) -> dic
     """Each output's bytes as the hasher reads them: host memory directly, device memory in chunks."""
     if not staged:
         return {name: out.view() for name, out in outputs.items()}
-    bounce = torch.empty(_READ_BACK_BYTES, dtype=torch.uint8)  # one for the load: hashing is serialised
+    # One for the load (hashing is serialised); pinned on a GPU, where a pageable destination made the
+    # read-back several times slower and it runs in series with the hash.
+    on_gpu = any(out.buffer.device.type == "cuda" for out in outputs.values())
+    bounce = torch.empty(_READ_BACK_BYTES, dtype=torch.uint8, pin_memory=on_gpu)
     return {name: DeviceBytes(out.buffer, bounce) for name, out in outputs.items()}
 
 
