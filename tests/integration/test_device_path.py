@@ -123,6 +123,23 @@ def test_cuda_many_small_and_few_huge_tensors_reuse_slots(http: RangeServer, roo
         path.unlink()
 
 
+@cuda
+def test_cuda_failed_load_returns_every_slot_and_the_pool_still_works(
+    http: RangeServer, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gpu, "_pools", {})
+    options: dict[str, int] = {"part_size": 8192, "pinned_pool_bytes": 2 * 8192, "header_prefetch": 4096}
+    http.quirks.faults, http.quirks.fault_from = 1000, 4096
+    with pytest.raises(sst.IncompleteReadError):
+        sst.load_file(http.url("layered.safetensors"), "cuda", retries=1, backoff_base=0.001, **options)
+    pool = only_pool()
+    assert pool.allocated >= 1 and pool.idle == pool.allocated
+    http.quirks.faults = 0  # the same slots, their last copies' events pending or done, serve the next load
+    loaded = sst.load_file(http.url("layered.safetensors"), "cuda", **options)
+    assert_same(loaded, safetensors.torch.load_file(str(root / "layered.safetensors"), device="cuda"))
+    assert pool.idle == pool.allocated
+
+
 # Run in a fresh process, and read VmHWM (the peak RSS of this process image): ru_maxrss would carry the
 # test process's peak over fork and exec.
 _BOUNDED_LOAD = """
