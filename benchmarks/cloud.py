@@ -130,6 +130,11 @@ LOADS: dict[str, str] = {
         "import stream_st\n"
         "sd = stream_st.load_file(URL, storage_options={**SO, 'default_block_size': 1 << 24}, direct_http=True)"
     ),
+    # An option only HfFileSystem takes (its file objects' block size, unused by stream_st) makes the load
+    # resolve through HfFileSystem (its import, a repo-info request), as every hf:// load did before.
+    "stream_st_hffs_resolves": (
+        "import stream_st\nsd = stream_st.load_file(URL, storage_options={**SO, 'block_size': 0}, direct_http=True)"
+    ),
     "runai": (
         "from runai_model_streamer import SafetensorsStreamer\n"
         "with SafetensorsStreamer() as streamer:\n"
@@ -236,6 +241,11 @@ def hub_contenders() -> list[Contender]:
             "stream_st_fsspec",
             "stream_st.load_file(hf://…, direct_http=False) (HfFileSystem cat_file)",
             LOADS["stream_st_fsspec"],
+        ),
+        Contender(
+            "stream_st_hffs_resolves",
+            "stream_st.load_file(hf://…) with an HfFileSystem-only option: HfFileSystem resolves the URL",
+            LOADS["stream_st_hffs_resolves"],
         ),
         Contender(
             "hf_hub_download",
@@ -707,6 +717,13 @@ def ratios(name: str, rows: list[dict[str, Any]]) -> list[str]:
             f"- botocore signs ÷ s3fs signs = {ours['median_s']:.2f} / {s3fs_signs['median_s']:.2f} = "
             f"**{ours['median_s'] / s3fs_signs['median_s']:.2f}×** "
             f"({s3fs_signs['median_s'] - ours['median_s']:+.2f} s: the import of s3fs and aiobotocore, mostly)"
+        )
+    hffs = get_row(rows, "stream_st_hffs_resolves")
+    if ours and hffs:
+        lines.append(
+            f"- resolve URL alone ÷ HfFileSystem resolves = {ours['median_s']:.2f} / {hffs['median_s']:.2f} = "
+            f"**{ours['median_s'] / hffs['median_s']:.2f}×** "
+            f"({hffs['median_s'] - ours['median_s']:+.2f} s: HfFileSystem's import and its repo-info request)"
         )
     if s3:
         if ours and runai:

@@ -75,12 +75,23 @@ class GcsSource(SignedSource):
 
 class HubSource(SignedSource):
     """hf://: the resolve URL, its revision replaced by the commit sha the first answer names; a redirect
-    to the CDN is followed once (transport.py drops the token when the host changes)."""
+    to the CDN is followed once (transport.py drops the token when the host changes). Without a ``digest``
+    given, the LFS sha256 is the one the first answer carries (``X-Linked-Etag``)."""
 
     resign_after = None  # a Hub token does not expire mid-load, and re-resolving would cost a redirect
     _RESOLVE = re.compile(r"/resolve/[^/]+/")
+    _linked_etag: str | None = None
+
+    def published_digest(self) -> Digest | None:
+        if self._digest is not None:
+            return self._digest()
+        sha256 = (self._linked_etag or "").removeprefix("W/").strip('"')
+        if not re.fullmatch(r"[0-9a-f]{64}", sha256):  # not an LFS file: its ETag is a git blob id
+            return None
+        return Digest("sha256", bytes.fromhex(sha256), f"the Hub's LFS sha256 of {self.url}")
 
     def after_probe(self, header: Callable[[str], str | None]) -> None:
+        self._linked_etag = header("X-Linked-Etag")
         commit = header("X-Repo-Commit")
         if commit and re.fullmatch(r"[0-9a-f]{40}", commit) and "/resolve/" in self.endpoint.url:
             url = self._RESOLVE.sub(f"/resolve/{commit}/", self.endpoint.url, count=1)
@@ -226,6 +237,61 @@ def _hub(url: str, fs: Any, path: str, pool: ConnectionPool) -> SignedSource:
     return HubSource(redact(url), lambda: Endpoint(target, headers), pool, digest)
 
 
+_HUB_DIRECT_OPTIONS = frozenset({"endpoint", "token"})
+_HUB_REPO_TYPES = {"models": "", "datasets": "datasets/", "spaces": "spaces/"}
+
+
+def _hub_direct(url: str, options: Mapping[str, Any], pool: ConnectionPool) -> HubSource | None:
+    """hf://[datasets/|spaces/]org/name[@revision]/path straight to the Hub's resolve URL, or None where
+    HfFileSystem must decide (a repo named without its organisation, a folder, a revision with '/', an
+    option other than endpoint and token, offline mode). Nothing but ``huggingface_hub.constants`` is
+    imported (HfFileSystem costs 0.21 s after torch) and no repo-info request precedes the first byte: the
+    resolve answer says itself whether repo, revision or file is missing, and carries commit and sha256."""
+    from huggingface_hub import constants
+
+    token = options.get("token")
+    if set(options) - _HUB_DIRECT_OPTIONS or not isinstance(token, str | bool | None) or constants.HF_HUB_OFFLINE:
+        return None
+    rest = url.split("://", 1)[1]
+    segments = rest.split("/")
+    kind = _HUB_REPO_TYPES.get(segments[0])
+    if kind is not None:
+        segments = segments[1:]
+    if len(segments) < 3 or not all(segments) or any(c in rest for c in "%?#") or "@" in segments[0]:
+        return None
+    name, at, revision = segments[1].partition("@")
+    if not name or (at and not revision) or revision == "refs":  # refs/pr/N: HfFileSystem parses those
+        return None
+    endpoint = str(options.get("endpoint") or constants.ENDPOINT).rstrip("/")
+    path = "/".join(segments[2:])
+    target = f"{endpoint}/{kind or ''}{segments[0]}/{name}/resolve/{revision or 'main'}/{path}"
+    from . import __version__
+
+    headers = {"user-agent": f"stream_st/{__version__}"}
+    secret = _hub_token(token, constants)
+    if secret:
+        headers["authorization"] = f"Bearer {secret}"
+    return HubSource(redact(url), lambda: Endpoint(target, headers), pool)
+
+
+def _hub_token(option: str | bool | None, constants: Any) -> str | None:
+    """The token huggingface_hub would send: the one given, none for False, else (None, True) $HF_TOKEN,
+    $HUGGING_FACE_HUB_TOKEN or the saved token file, unless HF_HUB_DISABLE_IMPLICIT_TOKEN says not to
+    (for None). Read here because ``huggingface_hub.utils`` costs 0.13 s to import."""
+    if isinstance(option, str) or option is False:
+        return option or None
+    if option is None and constants.HF_HUB_DISABLE_IMPLICIT_TOKEN:
+        return None
+    for variable in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        if os.environ.get(variable, "").strip():
+            return os.environ[variable].strip()
+    try:
+        with open(constants.HF_TOKEN_PATH) as saved:
+            return saved.read().strip() or None
+    except OSError:
+        return None
+
+
 _BUILDERS: Mapping[str, Callable[[str, Any, str, ConnectionPool], SignedSource]] = {
     "s3": _s3,
     "s3a": _s3,
@@ -240,10 +306,11 @@ def cloud_source(url: str, scheme: str, options: Mapping[str, Any], pool: Connec
     builder = _BUILDERS.get(scheme)
     if builder is None:
         return None
-    if builder is _s3:
-        direct = _s3_by_botocore(url, options, pool)
-        if direct is not None:
-            return direct
+    direct = _s3_by_botocore(url, options, pool) if builder is _s3 else None
+    if builder is _hub:
+        direct = _hub_direct(url, options, pool)
+    if direct is not None:
+        return direct
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(url, **options)

@@ -15,7 +15,7 @@ import re
 import socket
 import ssl
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -137,13 +137,22 @@ class RangeStream:
         response: http.client.HTTPResponse,
         skip: int,
         endpoint: Endpoint,
+        redirects: Sequence[http.client.HTTPMessage] = (),
     ) -> None:
         self._pool, self._key, self._conn, self._response = pool, key, conn, response
         self.endpoint = endpoint  # where the answer came from, after redirects
         self._skip = skip  # leading bytes to drop when a server without Range support sent from byte 0
+        self._redirects = redirects  # the headers of the redirects on the way, first first
         self.etag = response.getheader("ETag")
-        self.header = response.getheader  # other response headers (X-Repo-Commit, x-goog-generation)
         self.partial = response.status == 206  # False: the server sent the whole object
+
+    def header(self, name: str) -> str | None:
+        """A header of the answer (X-Repo-Commit, x-goog-generation), else of the first redirect that had it:
+        the Hub puts a file's commit and LFS sha256 on its redirect to the CDN."""
+        value = self._response.getheader(name)
+        for headers in self._redirects:
+            value = value or headers.get(name)
+        return value
 
     def readinto(self, buffer: memoryview) -> int:
         while self._skip:
@@ -185,6 +194,7 @@ def open_range(
     if etag:
         headers["If-Match"] = etag
     shown = endpoint.shown
+    redirects: list[http.client.HTTPMessage] = []
     for _ in range(MAX_REDIRECTS + 1):
         parts = urlsplit(url)
         scheme = parts.scheme
@@ -203,6 +213,7 @@ def open_range(
         logger.debug("GET %s bytes=%d-%d -> %d", redact(url), start, end - 1, status)
         if status in _REDIRECTS and response.getheader("Location"):
             location = urljoin(url, response.getheader("Location", ""))
+            redirects.append(response.headers)
             _drop(conn, response)  # a redirect's body is of no use
             if urlsplit(location).netloc != parts.netloc:
                 # Credentials are for the origin; a CDN or presigned target must not receive them.
@@ -218,7 +229,7 @@ def open_range(
         headers.pop("Range", None)
         headers.pop("If-Match", None)
         final = Endpoint(url, headers, endpoint.name) if url != endpoint.url else endpoint
-        return RangeStream(pool, (scheme, host, port), conn, response, skip, final), total
+        return RangeStream(pool, (scheme, host, port), conn, response, skip, final, redirects), total
     raise FetchError(f"{shown}: more than {MAX_REDIRECTS} redirects", url=shown)
 
 

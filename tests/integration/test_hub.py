@@ -4,7 +4,10 @@ the CDN."""
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +31,54 @@ def reference(root: Path, name: str) -> dict[str, torch.Tensor]:
     return safetensors.torch.load_file(str(root / name))
 
 
+def api_requests(hub: Any) -> list[str]:
+    return [r.path for r in hub.log if r.path.startswith("/api/")]
+
+
 def test_bit_exact_through_the_cdn_resolving_once(hf: Any, root: Path) -> None:
     loaded = sst.load_file("hf://org/layered/model.safetensors", storage_options=hf.storage_options(), part_size=65536)
     assert_same(loaded, reference(root, "layered.safetensors"))
     resolves = [r for r in hf.log if "/resolve/" in r.path]
     assert len(resolves) == 1 and resolves[0].status == 302  # one redirect for the whole load
     assert len(hf.cdn_log) > 2 and all(r.status == 206 for r in hf.cdn_log)
+    assert api_requests(hf) == []  # the resolve answer says what a repo-info request would have
+
+
+def test_a_file_load_imports_no_hffilesystem(hf: Any) -> None:
+    code = (
+        "import json, sys, stream_st as sst\n"
+        "sst.load_file(sys.argv[1], storage_options={'endpoint': sys.argv[2], 'token': False})\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('huggingface_hub'))))"
+    )
+    ran = subprocess.run(
+        [sys.executable, "-c", code, "hf://org/layered/model.safetensors", hf.endpoint],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ran.returncode == 0, ran.stderr
+    modules = json.loads(ran.stdout.splitlines()[-1])
+    assert "huggingface_hub.constants" in modules  # the probe does see the import
+    assert "huggingface_hub.hf_file_system" not in modules and "huggingface_hub.utils" not in modules
+
+
+def test_an_option_only_hffilesystem_takes_goes_through_it(hf: Any, root: Path) -> None:
+    options = {**hf.storage_options(), "block_size": 0}
+    assert_same(
+        sst.load_file("hf://org/layered/model.safetensors", storage_options=options),
+        reference(root, "layered.safetensors"),
+    )
+    assert api_requests(hf)  # HfFileSystem checked the repo first
+
+
+def test_token_from_the_environment(hf: Any, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    hf.commit("org/private-env", {"model.safetensors": root / "layered.safetensors"}, private=True)
+    hf.add_token("hf_FROMTHEENVIRONMENT")
+    monkeypatch.setenv("HF_TOKEN", "hf_FROMTHEENVIRONMENT")
+    url = "hf://org/private-env/model.safetensors"
+    assert_same(sst.load_file(url, storage_options={"endpoint": hf.endpoint}), reference(root, "layered.safetensors"))
+    with pytest.raises(FileNotFoundError):  # token=False sends none, whatever the environment holds
+        sst.load_file(url, storage_options={"endpoint": hf.endpoint, "token": False})
 
 
 @pytest.mark.parametrize(
@@ -67,6 +112,7 @@ def test_sharded_repo_and_partial_load_touch_one_shard(hf: Any, root: Path) -> N
     for shard in sorted((root / "sharded").glob("*.safetensors")):
         expected.update(safetensors.torch.load_file(str(shard)))
     assert_same(sst.load_file("hf://org/sharded", storage_options=hf.storage_options()), expected)
+    assert api_requests(hf) == []  # the index is read where transformers puts it: no listing
     hf.reset_log()
     wanted = "model.layers.2.mlp.up_proj.weight"
     loaded = sst.load_file("hf://org/sharded", tensors=[wanted], storage_options=hf.storage_options())
@@ -103,3 +149,12 @@ def test_bad_token_is_permission_error(hf: Any) -> None:
     with pytest.raises(PermissionError, match="hf://org/layered/model.safetensors") as caught:
         sst.load_file("hf://org/layered/model.safetensors", storage_options=hf.storage_options(token="hf_WRONG"))
     assert "hf_WRONG" not in str(caught.value)
+
+
+def test_a_repo_without_an_index_is_listed(hf: Any, root: Path) -> None:
+    shards = sorted((root / "sharded").glob("*.safetensors"))
+    hf.commit("org/noindex", {shard.name: shard for shard in shards})
+    expected: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        expected.update(safetensors.torch.load_file(str(shard)))
+    assert_same(sst.load_file("hf://org/noindex", storage_options=hf.storage_options()), expected)

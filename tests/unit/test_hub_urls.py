@@ -1,0 +1,81 @@
+"""Which hf:// URLs go straight to the Hub's resolve URL, and which are left to HfFileSystem."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from stream_st.cloud import _hub_direct
+from stream_st.transport import ConnectionPool
+
+ENDPOINT = "http://hub.test"
+
+
+def resolve_url(url: str, **options: Any) -> str | None:
+    source = _hub_direct(
+        url, {"endpoint": ENDPOINT, "token": False, **options}, ConnectionPool(connect_timeout=1, read_timeout=1)
+    )
+    return None if source is None else source.endpoint.url
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("hf://org/name/model.safetensors", "/org/name/resolve/main/model.safetensors"),
+        ("hf://models/org/name/model.safetensors", "/org/name/resolve/main/model.safetensors"),
+        ("hf://org/name@v1.0/sub/dir/x.safetensors", "/org/name/resolve/v1.0/sub/dir/x.safetensors"),
+        ("hf://datasets/org/data/weights/x.safetensors", "/datasets/org/data/resolve/main/weights/x.safetensors"),
+        (
+            "hf://spaces/org/app@" + "a" * 40 + "/x.safetensors",
+            "/spaces/org/app/resolve/" + "a" * 40 + "/x.safetensors",
+        ),
+    ],
+)
+def test_files_of_named_repos_go_to_their_resolve_url(url: str, expected: str) -> None:
+    assert resolve_url(url) == ENDPOINT + expected
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "hf://gpt2/model.safetensors",  # no organisation: is "model.safetensors" a repo or a file? HfFileSystem asks
+        "hf://org/name@refs/pr/1/model.safetensors",  # a revision with '/'
+        "hf://org/name@refs%2Fpr%2F1/model.safetensors",
+        "hf://org/name@/model.safetensors",
+        "hf://org//model.safetensors",
+    ],
+)
+def test_ambiguous_urls_are_left_to_hffilesystem(url: str) -> None:
+    assert resolve_url(url) is None
+
+
+def test_options_only_hffilesystem_knows_are_left_to_it() -> None:
+    assert resolve_url("hf://org/name/model.safetensors", block_size=0) is None
+    assert resolve_url("hf://org/name/model.safetensors", token=object()) is None
+
+
+def test_token_given_saved_or_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    from huggingface_hub import constants
+
+    pool = ConnectionPool(connect_timeout=1, read_timeout=1)
+    url = "hf://org/name/model.safetensors"
+    saved = tmp_path / "token"
+    saved.write_text("hf_saved\n")
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(saved))
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_IMPLICIT_TOKEN", False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+
+    def auth(**options: Any) -> str | None:
+        source = _hub_direct(url, {"endpoint": ENDPOINT, **options}, pool)
+        assert source is not None
+        return source.endpoint.headers.get("authorization")
+
+    assert auth(token="hf_given") == "Bearer hf_given"
+    assert auth() == auth(token=True) == "Bearer hf_saved"
+    monkeypatch.setenv("HF_TOKEN", "hf_env")
+    assert auth() == "Bearer hf_env"
+    assert auth(token=False) is None
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_IMPLICIT_TOKEN", True)
+    assert auth() is None and auth(token=True) == "Bearer hf_env"
