@@ -15,6 +15,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from .integrity import Digest, from_base64
@@ -75,25 +76,29 @@ class GcsSource(SignedSource):
 
 class HubSource(SignedSource):
     """hf://: the resolve URL, its revision replaced by the commit sha the first answer names; a redirect
-    to the CDN is followed once (transport.py drops the token when the host changes). Without a ``digest``
-    given, the LFS sha256 is the one the first answer carries (``X-Linked-Etag``)."""
+    to the CDN is followed once (transport.py drops the token when the host changes). The file's LFS sha256
+    is the one the first answer (or its redirect) carries, ``X-Linked-Etag``, as huggingface_hub reads it."""
 
     resign_after = None  # a Hub token does not expire mid-load, and re-resolving would cost a redirect
     _RESOLVE = re.compile(r"/resolve/[^/]+/")
     _linked_etag: str | None = None
+    _commit: str | None = None
 
     def published_digest(self) -> Digest | None:
-        if self._digest is not None:
-            return self._digest()
         sha256 = (self._linked_etag or "").removeprefix("W/").strip('"')
         if not re.fullmatch(r"[0-9a-f]{64}", sha256):  # not an LFS file: its ETag is a git blob id
             return None
         return Digest("sha256", bytes.fromhex(sha256), f"the Hub's LFS sha256 of {self.url}")
 
+    def pinned_url(self) -> str | None:
+        where = _parse_hub_url(self.url) if self._commit else None
+        return f"hf://{where.kind}{where.repo_id}@{self._commit}/{where.path}" if where else None
+
     def after_probe(self, header: Callable[[str], str | None]) -> None:
         self._linked_etag = header("X-Linked-Etag")
         commit = header("X-Repo-Commit")
-        if commit and re.fullmatch(r"[0-9a-f]{40}", commit) and "/resolve/" in self.endpoint.url:
+        self._commit = commit if commit and re.fullmatch(r"[0-9a-f]{40}", commit) else None
+        if self._commit and "/resolve/" in self.endpoint.url:
             url = self._RESOLVE.sub(f"/resolve/{commit}/", self.endpoint.url, count=1)
             self.endpoint = Endpoint(url, self.endpoint.headers, self.endpoint.name)
 
@@ -228,30 +233,24 @@ def _hub(url: str, fs: Any, path: str, pool: ConnectionPool) -> SignedSource:
         endpoint=fs.endpoint,
     )
     headers = build_hf_headers(token=fs.token, library_name="stream_st")
-
-    def digest() -> Digest | None:
-        lfs = fs.info(path).get("lfs") or {}
-        sha256 = lfs.get("sha256") or lfs.get("oid")
-        return Digest("sha256", bytes.fromhex(sha256), f"the Hub's LFS sha256 of {redact(url)}") if sha256 else None
-
-    return HubSource(redact(url), lambda: Endpoint(target, headers), pool, digest)
+    return HubSource(redact(url), lambda: Endpoint(target, headers), pool)
 
 
 _HUB_DIRECT_OPTIONS = frozenset({"endpoint", "token"})
 _HUB_REPO_TYPES = {"models": "", "datasets": "datasets/", "spaces": "spaces/"}
 
 
-def _hub_direct(url: str, options: Mapping[str, Any], pool: ConnectionPool) -> HubSource | None:
-    """hf://[datasets/|spaces/]org/name[@revision]/path straight to the Hub's resolve URL, or None where
-    HfFileSystem must decide (a repo named without its organisation, a folder, a revision with '/', an
-    option other than endpoint and token, offline mode). Nothing but ``huggingface_hub.constants`` is
-    imported (HfFileSystem costs 0.21 s after torch) and no repo-info request precedes the first byte: the
-    resolve answer says itself whether repo, revision or file is missing, and carries commit and sha256."""
-    from huggingface_hub import constants
+@dataclass(frozen=True)
+class _HubPath:
+    kind: str  # "", "datasets/" or "spaces/"
+    repo_id: str
+    revision: str | None
+    path: str
 
-    token = options.get("token")
-    if set(options) - _HUB_DIRECT_OPTIONS or not isinstance(token, str | bool | None) or constants.HF_HUB_OFFLINE:
-        return None
+
+def _parse_hub_url(url: str) -> _HubPath | None:
+    """hf://[models/|datasets/|spaces/]org/name[@revision]/path, or None where only HfFileSystem can tell
+    repo from path: a repo named without its organisation, a revision with '/' (refs/pr/N), escapes."""
     rest = url.split("://", 1)[1]
     segments = rest.split("/")
     kind = _HUB_REPO_TYPES.get(segments[0])
@@ -260,11 +259,27 @@ def _hub_direct(url: str, options: Mapping[str, Any], pool: ConnectionPool) -> H
     if len(segments) < 3 or not all(segments) or any(c in rest for c in "%?#") or "@" in segments[0]:
         return None
     name, at, revision = segments[1].partition("@")
-    if not name or (at and not revision) or revision == "refs":  # refs/pr/N: HfFileSystem parses those
+    if not name or (at and not revision) or revision == "refs":
+        return None
+    return _HubPath(kind or "", f"{segments[0]}/{name}", revision or None, "/".join(segments[2:]))
+
+
+def _hub_direct(url: str, options: Mapping[str, Any], pool: ConnectionPool) -> HubSource | None:
+    """hf://[datasets/|spaces/]org/name[@revision]/path straight to the Hub's resolve URL, or None where
+    HfFileSystem must decide (see ``_parse_hub_url``; an option other than endpoint and token; offline).
+    Nothing but ``huggingface_hub.constants`` is imported (HfFileSystem costs 0.21 s after torch) and no
+    repo-info request precedes the first byte: the resolve answer says itself whether repo, revision or
+    file is missing, and carries the commit and the LFS sha256."""
+    from huggingface_hub import constants
+
+    token = options.get("token")
+    if set(options) - _HUB_DIRECT_OPTIONS or not isinstance(token, str | bool | None) or constants.HF_HUB_OFFLINE:
+        return None
+    where = _parse_hub_url(url)
+    if where is None:
         return None
     endpoint = str(options.get("endpoint") or constants.ENDPOINT).rstrip("/")
-    path = "/".join(segments[2:])
-    target = f"{endpoint}/{kind or ''}{segments[0]}/{name}/resolve/{revision or 'main'}/{path}"
+    target = f"{endpoint}/{where.kind}{where.repo_id}/resolve/{where.revision or 'main'}/{where.path}"
     from . import __version__
 
     headers = {"user-agent": f"stream_st/{__version__}"}

@@ -205,7 +205,7 @@ class RemoteFile:
         return hasher
 
     async def _sidecar(self) -> Sidecar | None:
-        location = self._location + SIDECAR_SUFFIX
+        location = (self.source.pinned_url() or self._location) + SIDECAR_SUFFIX  # the file's own version
         try:
             raw = await read_whole(location, self.engine, self._storage_options)
         except FileNotFoundError:
@@ -251,10 +251,17 @@ class RemoteFile:
 
 async def read_whole(url: str, engine: Engine, storage_options: Mapping[str, Any] | None) -> bytes:
     """A small whole object (an index), through the same sources, retries and checks as tensor data."""
+    return (await read_whole_pinned(url, engine, storage_options))[0]
+
+
+async def read_whole_pinned(
+    url: str, engine: Engine, storage_options: Mapping[str, Any] | None
+) -> tuple[bytes, str | None]:
+    """``read_whole``, and the URL naming the version read where the store has one (``Source.pinned_url``)."""
     source = await engine.run(lambda: open_source(url, engine.pool, storage_options, direct=engine.config.direct_http))
     try:
         probe = await engine.probe(source)
-        return await _extend(engine, source, probe.prefix, probe.size)
+        return await _extend(engine, source, probe.prefix, probe.size), source.pinned_url()
     finally:
         source.close()
 

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 from ._loop import gather_or_cancel
 from .errors import HeaderError, TensorNotFoundError
 from .fetch import Engine
-from .remote import RemoteFile, read_whole
+from .remote import RemoteFile, read_whole_pinned
 from .select import Selection, select
 from .transport import redact
 
@@ -162,7 +162,7 @@ async def _guess_http_folder(base: str, engine: Engine, options: dict[str, Any])
 
 
 async def _from_index(url: str, engine: Engine, options: dict[str, Any]) -> Checkpoint:
-    raw = await read_whole(url, engine, options)
+    raw, pinned = await read_whole_pinned(url, engine, options)
     try:
         index = json.loads(raw)
         weight_map = index["weight_map"]
@@ -170,7 +170,8 @@ async def _from_index(url: str, engine: Engine, options: dict[str, Any]) -> Chec
             raise TypeError("weight_map must map tensor names to file names")
     except (ValueError, KeyError, TypeError) as exc:
         raise HeaderError(f"{redact(url)}: not a safetensors index ({type(exc).__name__}: {exc})", url=url) from None
-    base = url.rsplit("/", 1)[0] if "/" in url else "."
+    # Shards are read from the version the index came from (a Hub commit), not from a branch that may move.
+    base = (pinned or url).rsplit("/", 1)[0] if "/" in url else "."
     files = {name: _join(base, name) for name in dict.fromkeys(weight_map.values())}
     shards = sorted(files.values())
     return Checkpoint(

@@ -62,6 +62,12 @@ class Source(ABC):
         """The digest the store publishes for the whole object, if any (blocking; may cost a request)."""
         return None
 
+    def pinned_url(self) -> str | None:
+        """After ``probe``: a URL that names the very version read where the store has immutable versions (a
+        Hub commit), so that files beside this one (shards of its index, its sidecar) come from that
+        version too; else None."""
+        return None
+
     def check_unchanged(self) -> None:  # noqa: B027 - optional hook; most sources check on every request
         """Raise ObjectChangedError if the object is known to have changed since ``probe``."""
 

@@ -158,3 +158,20 @@ def test_a_repo_without_an_index_is_listed(hf: Any, root: Path) -> None:
     for shard in shards:
         expected.update(safetensors.torch.load_file(str(shard)))
     assert_same(sst.load_file("hf://org/noindex", storage_options=hf.storage_options()), expected)
+
+
+def test_shards_are_read_from_the_commit_the_index_came_from(hf: Any, root: Path) -> None:
+    shards = sorted((root / "sharded").glob("*.safetensors"))
+    hf.commit("org/moving", {p.name: p for p in (root / "sharded").iterdir()})
+    first = safetensors.torch.load_file(str(shards[0]))
+    name = next(iter(first))
+    with sst.safe_open("hf://org/moving", storage_options=hf.storage_options()) as handle:
+        # main moves on after the index was read: the shard is replaced by one whose tensors are all zero
+        hf.commit(
+            "org/moving", {shards[0].name: safetensors.torch.save({k: torch.zeros_like(t) for k, t in first.items()})}
+        )
+        assert_tensor_same(handle.get_tensor(name), first[name])
+    assert_tensor_same(
+        sst.load_file("hf://org/moving", tensors=[name], storage_options=hf.storage_options())[name],
+        torch.zeros_like(first[name]),
+    )

@@ -119,15 +119,18 @@ def test_sharded_checkpoint_verifies_each_shard(root: Path, tmp_path: Path) -> N
 
 
 @pytest.mark.hub
-def test_hub_lfs_sha256(hub: Any, root: Path) -> None:
-    hub.commit("org/verified", {"model.safetensors": (root / "layered.safetensors").read_bytes()})
-    url = "hf://org/verified/model.safetensors"
-    loaded = sst.load_file(url, storage_options=hub.storage_options(), verify="strict")
+@pytest.mark.parametrize("resolver", ["direct", "HfFileSystem"])
+def test_hub_lfs_sha256(hub: Any, root: Path, resolver: str) -> None:
+    repo = f"org/verified-{resolver.lower()}"
+    hub.commit(repo, {"model.safetensors": (root / "layered.safetensors").read_bytes()})
+    url = f"hf://{repo}/model.safetensors"
+    options = {**hub.storage_options(), **({"block_size": 0} if resolver == "HfFileSystem" else {})}
+    loaded = sst.load_file(url, storage_options=options, verify="strict")
     assert_same(loaded, safetensors.torch.load_file(str(root / "layered.safetensors")))
-    stored = Path(hub.file_info("org/verified", "model.safetensors")["local_path"])
+    stored = Path(hub.file_info(repo, "model.safetensors")["local_path"])
     flip_byte(stored, stored.stat().st_size - 3)  # the CDN now serves other bytes than the LFS pointer says
     with pytest.raises(IntegrityError, match="the Hub's LFS sha256"):
-        sst.load_file(url, storage_options=hub.storage_options(), verify=True)
+        sst.load_file(url, storage_options=options, verify=True)
 
 
 @pytest.mark.s3
