@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import safetensors.torch
@@ -89,6 +92,40 @@ def test_slot_size_caps_the_part_size(staged: None, http: RangeServer, root: Pat
     assert only_pool().count == 1  # at least one slot, whatever the budget says
 
 
+def concurrent_loads(http: RangeServer, root: Path, device: str) -> None:
+    """Three loads at once through one pool of two slots: each gets its own tensors, bit for bit."""
+    names = ["dtypes.safetensors", "layered.safetensors", "tiny.safetensors"]
+    options: dict[str, int] = {"part_size": 16384, "pinned_pool_bytes": 2 * 16384, "header_prefetch": 1024}
+    with ThreadPoolExecutor(len(names)) as pool:
+        loaded = list(pool.map(lambda name: sst.load_file(http.url(name), device, **options), names))
+    for name, state in zip(names, loaded, strict=True):
+        assert_same(state, safetensors.torch.load_file(str(root / name), device=device))
+    slots = only_pool()
+    assert 1 <= slots.allocated <= 2 and slots.idle == slots.allocated
+
+
+def test_concurrent_staged_loads_share_the_pool(staged: None, http: RangeServer, root: Path) -> None:
+    concurrent_loads(http, root, "cpu")
+
+
+def test_a_forked_child_starts_its_own_pool(staged: None, http: RangeServer, root: Path) -> None:
+    sst.load_file(http.url("tiny.safetensors"), "cpu", part_size=16384, pinned_pool_bytes=2 * 16384)
+    assert gpu._pools
+
+    def child(results: Any) -> None:
+        empty = not gpu._pools  # pinned memory does not survive fork: the child must not reuse the parent's
+        state = sst.load_file(http.url("tiny.safetensors"), "cpu", part_size=16384, pinned_pool_bytes=2 * 16384)
+        results.put((empty, len(state), len(gpu._pools)))
+
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    process = context.Process(target=child, args=(results,))
+    process.start()
+    empty, count, pools = results.get(timeout=60)
+    process.join(60)
+    assert empty and count == len(safetensors.torch.load_file(str(root / "tiny.safetensors"))) and pools == 1
+
+
 # --- on a GPU -------------------------------------------------------------------------------------------
 
 cuda = pytest.mark.cuda
@@ -138,6 +175,12 @@ def test_cuda_failed_load_returns_every_slot_and_the_pool_still_works(
     loaded = sst.load_file(http.url("layered.safetensors"), "cuda", **options)
     assert_same(loaded, safetensors.torch.load_file(str(root / "layered.safetensors"), device="cuda"))
     assert pool.idle == pool.allocated
+
+
+@cuda
+def test_cuda_concurrent_loads_share_the_pool(http: RangeServer, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gpu, "_pools", {})
+    concurrent_loads(http, root, "cuda")
 
 
 # Run in a fresh process, and read VmHWM (the peak RSS of this process image): ru_maxrss would carry the
