@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 from .integrity import Digest, from_base64
 from .sources import HttpSource
@@ -237,35 +238,39 @@ def _hub(url: str, fs: Any, path: str, pool: ConnectionPool) -> SignedSource:
 
 
 _HUB_DIRECT_OPTIONS = frozenset({"endpoint", "token"})
-_HUB_REPO_TYPES = {"models": "", "datasets": "datasets/", "spaces": "spaces/"}
 
 
 @dataclass(frozen=True)
 class _HubPath:
-    kind: str  # "", "datasets/" or "spaces/"
+    kind: str  # the repo type's URL prefix: "" for models, "datasets/", "spaces/", ...
     repo_id: str
     revision: str | None
     path: str
 
 
 def _parse_hub_url(url: str) -> _HubPath | None:
-    """hf://[models/|datasets/|spaces/]org/name[@revision]/path, or None where only HfFileSystem can tell
-    repo from path: a repo named without its organisation, a revision with '/' (refs/pr/N), escapes."""
+    """hf://[TYPE/]org/name[@revision]/path (huggingface_hub's grammar), or None where HfFileSystem had
+    better decide: a bucket, a revision with '/' (refs/pr/N) or escapes, no path in the repo."""
+    from huggingface_hub import constants
+
     rest = url.split("://", 1)[1]
     segments = rest.split("/")
-    kind = _HUB_REPO_TYPES.get(segments[0])
-    if kind is not None:
+    repo_type = constants.HF_URI_TYPE_PREFIXES.get(segments[0])
+    if repo_type == "bucket":
+        return None
+    kind = constants.REPO_TYPES_URL_PREFIXES.get(repo_type or "model", "")
+    if repo_type is not None:
         segments = segments[1:]
     if len(segments) < 3 or not all(segments) or any(c in rest for c in "%?#") or "@" in segments[0]:
         return None
     name, at, revision = segments[1].partition("@")
     if not name or (at and not revision) or revision == "refs":
         return None
-    return _HubPath(kind or "", f"{segments[0]}/{name}", revision or None, "/".join(segments[2:]))
+    return _HubPath(kind, f"{segments[0]}/{name}", revision or None, "/".join(segments[2:]))
 
 
 def _hub_direct(url: str, options: Mapping[str, Any], pool: ConnectionPool) -> HubSource | None:
-    """hf://[datasets/|spaces/]org/name[@revision]/path straight to the Hub's resolve URL, or None where
+    """hf://[TYPE/]org/name[@revision]/path straight to the Hub's resolve URL, or None where
     HfFileSystem must decide (see ``_parse_hub_url``; an option other than endpoint and token; offline).
     Nothing but ``huggingface_hub.constants`` is imported (HfFileSystem costs 0.21 s after torch) and no
     repo-info request precedes the first byte: the resolve answer says itself whether repo, revision or
@@ -279,7 +284,8 @@ def _hub_direct(url: str, options: Mapping[str, Any], pool: ConnectionPool) -> H
     if where is None:
         return None
     endpoint = str(options.get("endpoint") or constants.ENDPOINT).rstrip("/")
-    target = f"{endpoint}/{where.kind}{where.repo_id}/resolve/{where.revision or 'main'}/{where.path}"
+    revision = quote(where.revision or constants.DEFAULT_REVISION, safe="")  # quoted as hf_hub_url quotes
+    target = f"{endpoint}/{where.kind}{where.repo_id}/resolve/{revision}/{quote(where.path)}"
     from . import __version__
 
     headers = {"user-agent": f"stream_st/{__version__}"}

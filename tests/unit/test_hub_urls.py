@@ -26,6 +26,8 @@ def resolve_url(url: str, **options: Any) -> str | None:
         ("hf://models/org/name/model.safetensors", "/org/name/resolve/main/model.safetensors"),
         ("hf://org/name@v1.0/sub/dir/x.safetensors", "/org/name/resolve/v1.0/sub/dir/x.safetensors"),
         ("hf://datasets/org/data/weights/x.safetensors", "/datasets/org/data/resolve/main/weights/x.safetensors"),
+        ("hf://kernels/org/k/build/x.safetensors", "/kernels/org/k/resolve/main/build/x.safetensors"),
+        ("hf://org/name@v 2/my model.safetensors", "/org/name/resolve/v%202/my%20model.safetensors"),
         (
             "hf://spaces/org/app@" + "a" * 40 + "/x.safetensors",
             "/spaces/org/app/resolve/" + "a" * 40 + "/x.safetensors",
@@ -39,11 +41,12 @@ def test_files_of_named_repos_go_to_their_resolve_url(url: str, expected: str) -
 @pytest.mark.parametrize(
     "url",
     [
-        "hf://gpt2/model.safetensors",  # no organisation: is "model.safetensors" a repo or a file? HfFileSystem asks
+        "hf://gpt2/model.safetensors",  # no organisation: HfFileSystem says what is wrong
         "hf://org/name@refs/pr/1/model.safetensors",  # a revision with '/'
         "hf://org/name@refs%2Fpr%2F1/model.safetensors",
         "hf://org/name@/model.safetensors",
         "hf://org//model.safetensors",
+        "hf://buckets/org/bucket/model.safetensors",  # a bucket is no repo: no resolve URL
     ],
 )
 def test_ambiguous_urls_are_left_to_hffilesystem(url: str) -> None:
