@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -91,8 +92,10 @@ class HubSource(SignedSource):
             return None
         return Digest("sha256", bytes.fromhex(sha256), f"the Hub's LFS sha256 of {self.url}")
 
+    hub_url: str = ""  # the hf:// URL as given (``url`` is redacted, which lowercases the organisation)
+
     def pinned_url(self) -> str | None:
-        where = _parse_hub_url(self.url) if self._commit else None
+        where = _parse_hub_url(self.hub_url) if self._commit and self.hub_url else None
         return f"hf://{where.kind}{where.repo_id}@{self._commit}/{where.path}" if where else None
 
     def after_probe(self, header: Callable[[str], str | None]) -> None:
@@ -234,7 +237,9 @@ def _hub(url: str, fs: Any, path: str, pool: ConnectionPool) -> SignedSource:
         endpoint=fs.endpoint,
     )
     headers = build_hf_headers(token=fs.token, library_name="stream_st")
-    return HubSource(redact(url), lambda: Endpoint(target, headers), pool)
+    source = HubSource(redact(url), lambda: Endpoint(target, headers), pool)
+    source.hub_url = url
+    return source
 
 
 _HUB_DIRECT_OPTIONS = frozenset({"endpoint", "token"})
@@ -255,7 +260,10 @@ def _parse_hub_url(url: str) -> _HubPath | None:
 
     rest = url.split("://", 1)[1]
     segments = rest.split("/")
-    repo_type = constants.HF_URI_TYPE_PREFIXES.get(segments[0])
+    prefixes = getattr(constants, "HF_URI_TYPE_PREFIXES", None)
+    if prefixes is None:  # huggingface_hub before 2.x: its own rules (single-segment ids) apply
+        return None
+    repo_type = prefixes.get(segments[0])
     if repo_type == "bucket":
         return None
     kind = constants.REPO_TYPES_URL_PREFIXES.get(repo_type or "model", "")
@@ -289,28 +297,33 @@ def _hub_direct(url: str, options: Mapping[str, Any], pool: ConnectionPool) -> H
     from . import __version__
 
     headers = {"user-agent": f"stream_st/{__version__}"}
-    secret = _hub_token(token, constants)
+    known, secret = _hub_token(token, constants)
+    if not known:
+        return None
     if secret:
         headers["authorization"] = f"Bearer {secret}"
-    return HubSource(redact(url), lambda: Endpoint(target, headers), pool)
+    source = HubSource(redact(url), lambda: Endpoint(target, headers), pool)
+    source.hub_url = url
+    return source
 
 
-def _hub_token(option: str | bool | None, constants: Any) -> str | None:
-    """The token huggingface_hub would send: the one given, none for False, else (None, True) $HF_TOKEN,
-    $HUGGING_FACE_HUB_TOKEN or the saved token file, unless HF_HUB_DISABLE_IMPLICIT_TOKEN says not to
-    (for None). Read here because ``huggingface_hub.utils`` costs 0.13 s to import."""
+def _hub_token(option: str | bool | None, constants: Any) -> tuple[bool, str | None]:
+    """(known, token): the token huggingface_hub would send, where it is plain to see: the one given, none
+    for False, else $HF_TOKEN / $HUGGING_FACE_HUB_TOKEN (None: unless HF_HUB_DISABLE_IMPLICIT_TOKEN), none
+    when nothing is saved. Not known (HfFileSystem then decides): OIDC, Colab secrets, a saved login (which
+    huggingface_hub may refresh). Read here because ``huggingface_hub.utils`` costs 0.13 s to import."""
     if isinstance(option, str) or option is False:
-        return option or None
+        return True, option or None
     if option is None and constants.HF_HUB_DISABLE_IMPLICIT_TOKEN:
-        return None
+        return True, None
+    if os.environ.get("HF_OIDC_RESOURCE") or "google.colab" in sys.modules:
+        return False, None
     for variable in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
         if os.environ.get(variable, "").strip():
-            return os.environ[variable].strip()
-    try:
-        with open(constants.HF_TOKEN_PATH) as saved:
-            return saved.read().strip() or None
-    except OSError:
-        return None
+            return True, os.environ[variable].strip()
+    if os.path.exists(constants.HF_TOKEN_PATH) or option is True:
+        return False, None
+    return True, None
 
 
 _BUILDERS: Mapping[str, Callable[[str, Any, str, ConnectionPool], SignedSource]] = {

@@ -146,7 +146,12 @@ class OrderedHasher:
                     if self.frontier >= ready:
                         self._hashing = False
                         return
+                before = self.frontier
                 self._hash_until(ready)  # outside the lock: landing parts never wait for the hash
+                if self.frontier == before:  # segments end short of what landed: check() reports it
+                    with self._lock:
+                        self._hashing = False
+                    return
         except BaseException:
             with self._lock:
                 self._hashing = False

@@ -58,17 +58,18 @@ def test_options_only_hffilesystem_knows_are_left_to_it() -> None:
     assert resolve_url("hf://org/name/model.safetensors", token=object()) is None
 
 
-def test_token_given_saved_or_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+def test_token_given_from_the_environment_or_left_to_huggingface_hub(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
     from huggingface_hub import constants
 
     pool = ConnectionPool(connect_timeout=1, read_timeout=1)
     url = "hf://org/name/model.safetensors"
     saved = tmp_path / "token"
-    saved.write_text("hf_saved\n")
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(saved))
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_IMPLICIT_TOKEN", False)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    for variable in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(variable, raising=False)
 
     def auth(**options: Any) -> str | None:
         source = _hub_direct(url, {"endpoint": ENDPOINT, **options}, pool)
@@ -76,9 +77,24 @@ def test_token_given_saved_or_from_the_environment(monkeypatch: pytest.MonkeyPat
         return source.endpoint.headers.get("authorization")
 
     assert auth(token="hf_given") == "Bearer hf_given"
-    assert auth() == auth(token=True) == "Bearer hf_saved"
+    assert auth() is None  # nothing saved, nothing in the environment: anonymous
+    saved.write_text("hf_saved\n")  # a saved login may need huggingface_hub's refresh: it decides
+    assert _hub_direct(url, {"endpoint": ENDPOINT}, pool) is None
     monkeypatch.setenv("HF_TOKEN", "hf_env")
-    assert auth() == "Bearer hf_env"
+    assert auth() == auth(token=True) == "Bearer hf_env"
     assert auth(token=False) is None
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_IMPLICIT_TOKEN", True)
     assert auth() is None and auth(token=True) == "Bearer hf_env"
+    monkeypatch.setenv("HF_OIDC_RESOURCE", "x")
+    assert _hub_direct(url, {"endpoint": ENDPOINT, "token": True}, pool) is None
+
+
+def test_the_pinned_url_keeps_the_repo_id_as_written() -> None:
+    source = _hub_direct(
+        "hf://Org/Name/sub/x.safetensors",
+        {"endpoint": ENDPOINT, "token": False},
+        ConnectionPool(connect_timeout=1, read_timeout=1),
+    )
+    assert source is not None
+    source.after_probe(lambda header: "a" * 40 if header == "X-Repo-Commit" else None)
+    assert source.pinned_url() == "hf://Org/Name@" + "a" * 40 + "/sub/x.safetensors"
