@@ -86,16 +86,18 @@ class HubSource(SignedSource):
     _linked_etag: str | None = None
     _commit: str | None = None
 
+    def __init__(self, hub_url: str, sign: Signer, pool: ConnectionPool) -> None:
+        self.hub_url = hub_url  # as given: ``url`` is redacted, which lowercases the organisation
+        super().__init__(redact(hub_url), sign, pool)
+
     def published_digest(self) -> Digest | None:
         sha256 = (self._linked_etag or "").removeprefix("W/").strip('"')
         if not re.fullmatch(r"[0-9a-f]{64}", sha256):  # not an LFS file: its ETag is a git blob id
             return None
         return Digest("sha256", bytes.fromhex(sha256), f"the Hub's LFS sha256 of {self.url}")
 
-    hub_url: str = ""  # the hf:// URL as given (``url`` is redacted, which lowercases the organisation)
-
     def pinned_url(self) -> str | None:
-        where = _parse_hub_url(self.hub_url) if self._commit and self.hub_url else None
+        where = _parse_hub_url(self.hub_url) if self._commit else None
         return f"hf://{where.kind}{where.repo_id}@{self._commit}/{where.path}" if where else None
 
     def after_probe(self, header: Callable[[str], str | None]) -> None:
@@ -237,9 +239,7 @@ def _hub(url: str, fs: Any, path: str, pool: ConnectionPool) -> SignedSource:
         endpoint=fs.endpoint,
     )
     headers = build_hf_headers(token=fs.token, library_name="stream_st")
-    source = HubSource(redact(url), lambda: Endpoint(target, headers), pool)
-    source.hub_url = url
-    return source
+    return HubSource(url, lambda: Endpoint(target, headers), pool)
 
 
 _HUB_DIRECT_OPTIONS = frozenset({"endpoint", "token"})
@@ -302,9 +302,7 @@ def _hub_direct(url: str, options: Mapping[str, Any], pool: ConnectionPool) -> H
         return None
     if secret:
         headers["authorization"] = f"Bearer {secret}"
-    source = HubSource(redact(url), lambda: Endpoint(target, headers), pool)
-    source.hub_url = url
-    return source
+    return HubSource(url, lambda: Endpoint(target, headers), pool)
 
 
 def _hub_token(option: str | bool | None, constants: Any) -> tuple[bool, str | None]:
@@ -335,14 +333,21 @@ _BUILDERS: Mapping[str, Callable[[str, Any, str, ConnectionPool], SignedSource]]
 }
 
 
+# Sources built without the protocol's fsspec filesystem when the options allow (None: they do not).
+_WITHOUT_FSSPEC: Mapping[str, Callable[[str, Mapping[str, Any], ConnectionPool], SignedSource | None]] = {
+    "s3": _s3_by_botocore,
+    "s3a": _s3_by_botocore,
+    "hf": _hub_direct,
+}
+
+
 def cloud_source(url: str, scheme: str, options: Mapping[str, Any], pool: ConnectionPool) -> SignedSource | None:
     """The fast-path source for ``url``, or None if its scheme has none."""
     builder = _BUILDERS.get(scheme)
     if builder is None:
         return None
-    direct = _s3_by_botocore(url, options, pool) if builder is _s3 else None
-    if builder is _hub:
-        direct = _hub_direct(url, options, pool)
+    fast = _WITHOUT_FSSPEC.get(scheme)
+    direct = fast(url, options, pool) if fast is not None else None
     if direct is not None:
         return direct
     import fsspec

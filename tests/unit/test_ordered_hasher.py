@@ -80,3 +80,13 @@ def test_a_flipped_byte_and_missing_bytes_fail_the_check() -> None:
     partial.landed(20, len(DATA))  # a hole at 10-20: nothing past it can be hashed
     with pytest.raises(IntegrityError, match="only 10 of"):
         partial.check()
+
+
+def test_bytes_landed_past_the_segments_end_the_hash_instead_of_spinning() -> None:
+    hasher = _hasher([(0, 60_000, memoryview(DATA)[:60_000])])
+    done = threading.Thread(target=hasher.landed, args=(0, len(DATA)))
+    done.start()
+    done.join(5)
+    assert not done.is_alive(), "landed() kept looping on bytes no segment holds"
+    with pytest.raises(IntegrityError, match="only 60000 of"):
+        hasher.check()
