@@ -41,6 +41,11 @@ def get_loop() -> asyncio.AbstractEventLoop:
         return _loop
 
 
+def on_loop_thread() -> bool:
+    """Whether the caller runs on the IO loop's own thread (where blocking on the loop would deadlock)."""
+    return _loop_thread is not None and threading.current_thread() is _loop_thread
+
+
 def run_sync(coro: Awaitable[T]) -> T:
     """Run ``coro`` on the IO loop and wait; Ctrl-C cancels it and waits until it has cleaned up."""
     loop = get_loop()
@@ -74,7 +79,7 @@ def close_soon(coro: Coroutine[Any, Any, None]) -> None:
     """Run a clean-up coroutine on the IO loop: wait for it, unless we are on that loop's own thread
     (a generator finalized there by the garbage collector), where it can only be scheduled."""
     loop = get_loop()
-    if threading.current_thread() is _loop_thread:
+    if on_loop_thread():
         loop.create_task(coro)
     else:
         run_sync(coro)

@@ -108,14 +108,17 @@ async def _timed_load(
     storage_options: dict[str, Any] | None,
     progress: bool | None = None,
     verify: bool | str | None = None,
+    early: Any = None,
+    started: float | None = None,
 ) -> dict[str, Any]:
     """Stream and report what it cost: seconds, bytes, requests, and time to first tensor. With ``verify``
-    the load is one ``load_file`` (a whole file is hashed as it streams), so no tensor comes first."""
+    the load is one ``load_file`` (a whole file is hashed as it streams), so no tensor comes first.
+    ``early``: the prefetch started at ``started``, before torch was imported (its bytes are counted)."""
     from .api import iter_tensors_async, load_file_async
     from .fetch import Stats
 
     stats = Stats()
-    started = time.perf_counter()
+    started = time.perf_counter() if started is None else started
     first: float | None = None
     tensors: dict[str, Any] = {}
     options: dict[str, Any] = {"tensors": selection, "dtype": dtype, "storage_options": storage_options}
@@ -128,6 +131,8 @@ async def _timed_load(
                 first = time.perf_counter() - started
             tensors[name] = tensor
     seconds = time.perf_counter() - started
+    if early is not None:
+        early.finish(stats)
     return {
         "tensors": tensors,
         "seconds": seconds,
@@ -150,16 +155,26 @@ def _print_report(report: dict[str, Any]) -> None:
 
 
 def cmd_load(args: argparse.Namespace) -> int:
+    from .prefetcher import start_before_torch
+
+    started = time.perf_counter()
+    options = _storage_options(args)
+    early = start_before_torch(args.url, args.device, {"tensors": args.select, "storage_options": options})
     import torch
 
     dtype = getattr(torch, _DTYPES.get(args.dtype, args.dtype)) if args.dtype else None
     from .errors import IntegrityWarning
 
     progress = False if args.no_progress else None
-    options = _storage_options(args)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", IntegrityWarning)
-        report = asyncio.run(_timed_load(args.url, args.select, dtype, args.device, options, progress, args.verify))
+        load = _timed_load(args.url, args.select, dtype, args.device, options, progress, args.verify, early, started)
+        try:
+            report = asyncio.run(load)
+        except BaseException:
+            if early is not None:
+                early.cancel()
+            raise
     _print_report(report)
     if args.verify:
         unverified = [str(w.message) for w in caught if issubclass(w.category, IntegrityWarning)]

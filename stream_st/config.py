@@ -44,6 +44,8 @@ class Config:
         pinned_pool_bytes: pinned host memory for the device path, shared by all loads of the process and
             allocated on first use (pinning costs ~0.6 s per GiB). 256 MiB holds 16 slots of the 16 MiB
             default part: enough for 8 threads to download while earlier parts are copied to the GPU.
+        prefetch_max_bytes: host memory a ``prefetch`` may fill before a load takes its bytes; past it the
+            transfer pauses until a load takes some. None: half of the memory available when the prefetch starts.
         direct_http: move s3://, gs:// and hf:// bytes on stream_st's threaded HTTP data plane (presigned
             or token-authenticated GETs made by s3fs / gcsfs / huggingface_hub). False reads through the
             filesystem's own ``cat_file`` instead (slower; for stores whose HTTP API differs).
@@ -62,6 +64,7 @@ class Config:
     timeout: float | None = None
     max_inflight_bytes: int = 512 * MiB
     pinned_pool_bytes: int = 256 * MiB
+    prefetch_max_bytes: int | None = None
     direct_http: bool = True
 
     def __post_init__(self) -> None:
@@ -83,6 +86,8 @@ class Config:
             raise ConfigError(f"config header_prefetch must be >= 8 bytes, got {self.header_prefetch}")
         if self.max_header_size < 2:
             raise ConfigError(f"config max_header_size must be >= 2, got {self.max_header_size}")
+        if self.prefetch_max_bytes is not None and self.prefetch_max_bytes <= 0:
+            raise ConfigError(f"config prefetch_max_bytes must be > 0 or None, got {self.prefetch_max_bytes!r}")
         if self.timeout is not None and self.timeout <= 0:
             raise ConfigError(f"config timeout must be > 0 or None, got {self.timeout!r}")
 
@@ -99,7 +104,7 @@ class Config:
                 float if f.name in _FLOAT_FIELDS else _boolean if f.name == "direct_http" else int
             )
             try:
-                values[f.name] = None if raw.lower() == "none" and f.name == "timeout" else kind(raw)
+                values[f.name] = None if raw.lower() == "none" and f.name in _OPTIONAL_FIELDS else kind(raw)
             except ValueError:
                 raise ConfigError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
         return cls(**values)
@@ -121,6 +126,7 @@ def _boolean(raw: str) -> bool:
     raise ValueError(raw)
 
 
+_OPTIONAL_FIELDS = frozenset({"timeout", "prefetch_max_bytes"})
 _FLOAT_FIELDS = frozenset({"backoff_base", "backoff_max", "stall_timeout", "connect_timeout", "timeout"})
 
 

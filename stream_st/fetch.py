@@ -14,15 +14,17 @@ import threading
 from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from .config import Config
 from .errors import FetchError, IncompleteReadError
-from .gpu import DeviceStaging, SlotWaitCancelledError
 from .plan import Part, Want, plan_parts
 from .progress import Progress
 from .sources import ByteStream, Probe, Source, read_exactly
 from .transport import TRANSIENT_ERRORS, ConnectionPool, RetryableStatusError
+
+if TYPE_CHECKING:  # torch is not imported for host loads and prefetches
+    from .gpu import DeviceStaging
 
 logger = logging.getLogger(__name__)
 
@@ -99,15 +101,18 @@ class Engine:
         destination: Destination,
         landed: Callable[[int, int], None] | None = None,
         staging: DeviceStaging | None = None,
+        max_gap: int | None = None,
     ) -> None:
         """Fetch every wanted span of ``source`` into ``destination(key)``, all or nothing.
 
         ``landed(start, end)`` is called from the worker thread as each part has fully arrived. With
-        ``staging``, parts go through pinned slots to device tensors instead (``destination`` unused)."""
+        ``staging``, parts go through pinned slots to device tensors instead (``destination`` unused).
+        ``max_gap`` overrides the config's (0: never read bytes between spans, which a prefetch holds)."""
         config = self.config
         part_size = min(config.part_size, staging.pool.slot_bytes) if staging else config.part_size
         if source.ranges:
-            parts = plan_parts(wants, max_gap=config.max_gap, part_size=part_size)
+            gap = config.max_gap if max_gap is None else max_gap
+            parts = plan_parts(wants, max_gap=gap, part_size=part_size)
         else:  # the server ignores Range: one streamed GET from byte 0 covers everything
             assert source.size is not None
             parts = plan_parts(wants, max_gap=source.size, part_size=source.size + 1)
@@ -131,16 +136,18 @@ class Engine:
                         future.exception()
             raise
 
-    async def probe(self, source: Source) -> Probe:
-        """The source's first ``header_prefetch`` bytes, size and version, retried like any range."""
+    async def probe(self, source: Source, length: int | None = None) -> Probe:
+        """The source's first ``length`` bytes (default ``header_prefetch``), size and version, retried
+        like any range."""
+        length = self.config.header_prefetch if length is None else length
         cancelled = threading.Event()
         try:
             probe: Probe = await self.run(
                 self._retrying,
                 source,
-                lambda: source.probe(self.config.header_prefetch),
+                lambda: source.probe(length),
                 cancelled,
-                lambda: Location(None, 0, self.config.header_prefetch, 0),
+                lambda: Location(None, 0, length, 0),
             )
         except BaseException:
             cancelled.set()
@@ -161,6 +168,8 @@ class Engine:
         if staging is None:
             self._read_part(source, _PartReader(part, destination, self._gap_scratch(), cancelled, self.progress))
         else:
+            from .gpu import SlotWaitCancelledError
+
             staging.enter_thread()
             try:
                 slot = staging.pool.acquire(cancelled)

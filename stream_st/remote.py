@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from .errors import IntegrityError, IntegrityWarning
+from . import held
+from .errors import IntegrityError, IntegrityWarning, ObjectChangedError
 from .fetch import Engine
-from .gpu import DeviceBytes, DeviceStaging, shared_pool
 from .header import LENGTH_PREFIX, Header, TensorInfo, declared_header_size, parse_header
 from .integrity import (
     SIDECAR_SUFFIX,
@@ -24,8 +23,12 @@ from .integrity import (
 )
 from .plan import Want
 from .regions import Region
-from .sinks import OutputTensor, output_tensor, writable_view
 from .sources import Source, open_source
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: opening a file and reading headers need none
+    import torch
+
+    from .sinks import OutputTensor
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +39,10 @@ def _hashable_memories(outputs: Mapping[str, OutputTensor], staged: bool) -> dic
     """Each output's bytes as the hasher reads them: host memory directly, device memory in chunks."""
     if not staged:
         return {name: out.view() for name, out in outputs.items()}
+    import torch
+
+    from .gpu import DeviceBytes
+
     # One for the load (hashing is serialised); pinned on a GPU, where a pageable destination made the
     # read-back several times slower and it runs in series with the hash.
     on_gpu = any(out.buffer.device.type == "cuda" for out in outputs.values())
@@ -66,28 +73,48 @@ class RemoteFile:
         self.source, self.header, self.engine = source, header, engine
         self._prefix = memoryview(prefix)  # first bytes of the object: header, then possibly tensor data
         self._location, self._storage_options = location, storage_options  # to find a digest sidecar
+        self._held: held.HeldFile | None = None  # the prefetch of this file, if one holds its tensors
 
     @property
     def url(self) -> str:
         return self.source.url
 
+    @property
+    def requested_url(self) -> str:
+        """The URL this file was opened with (``url`` is its redacted form): a prefetch's key."""
+        return self._location
+
+    def fetched_prefix(self) -> memoryview:
+        """The object's first bytes fetched with the header: the header, then possibly tensor data."""
+        return self._prefix
+
     @classmethod
     async def open(cls, url: str, engine: Engine, storage_options: Mapping[str, Any] | None = None) -> RemoteFile:
-        """Read the header with one ranged GET (two if it is longer than ``header_prefetch``) and validate it."""
+        """Read the header with one ranged GET (two if it is longer than ``header_prefetch``) and validate it.
+
+        If a prefetch holds this file (held.py), the GET asks for the header bytes alone, and the answer
+        must match what the prefetch read: the tensors then come from the prefetch's memory."""
         config = engine.config
+        found = None
+        if held.active():
+            found = await engine.run(held.find, url, held.options_key(storage_options), config.stall_timeout)
         source = await engine.run(lambda: open_source(url, engine.pool, storage_options, direct=config.direct_http))
         try:
-            probe = await engine.probe(source)
+            probe = await engine.probe(source, len(found.header_bytes) if found else config.header_prefetch)
             size = declared_header_size(
                 probe.prefix, url=source.url, file_size=probe.size, max_header_size=config.max_header_size
             )
             header_end = LENGTH_PREFIX + size
             prefix = await _extend(engine, source, probe.prefix, header_end)
             header = parse_header(bytes(prefix[LENGTH_PREFIX:header_end]), url=source.url, file_size=probe.size)
+            if found is not None:
+                _check_same_version(found, source, prefix[:header_end])
         except BaseException:
             source.close()
             raise
-        return cls(source, header, prefix, engine, url, storage_options)
+        file = cls(source, header, prefix, engine, url, storage_options)
+        file._held = found
+        return file
 
     def header_bytes(self) -> memoryview:
         """The object's first bytes up to the end of the JSON header."""
@@ -109,9 +136,15 @@ class RemoteFile:
         On the host, bytes land straight in the outputs; for another ``device`` they pass through the
         shared pinned slot pool (gpu.py). With ``verify``, they are checked against a digest before being
         returned: hashed in order as parts land (read back from the device in small chunks on a GPU)."""
+        import torch
+
+        from .sinks import output_tensor
+
         requested = list(requests)
         staged = device is not None and (device.type != "cpu" or self.stage_cpu_loads) and self.source.ranges
-        outputs: dict[str, OutputTensor] = {}
+        landing = device if staged else None
+        outputs = await self._take_prefetched([name for name, region in requested if region is None], landing, into)
+        prefetched = [(self.header.tensors[name].start, self.header.tensors[name].end) for name in outputs]
         wants: list[Want] = []
         for name, region in requested:
             info = self.header.tensors[name]
@@ -120,7 +153,6 @@ class RemoteFile:
             if region is not None:
                 region.check(info, self.url)
             shape = region.shape(info) if region else info.shape
-            landing = device if staged else None
             given = (into or {}).get(name)
             if given is not None and given.device != (landing or torch.device("cpu")):
                 given = None  # e.g. a server without ranges: the bytes land in host memory first
@@ -137,18 +169,58 @@ class RemoteFile:
         if verify and sliced:
             self._unverifiable(verify, f"{len(sliced)} tensor(s) were sliced, and digests cover whole tensors")
         landed = hasher.landed if hasher else None
+        if landed is not None and prefetched:
+            await self.engine.run(lambda: [landed(start, end) for start, end in prefetched])
+        gap = 0 if prefetched else None  # the spans between the wanted ones may be a prefetch's: not again
         if staged:
             assert device is not None
-            await self._fetch_to_device(wants, {name: out.buffer for name, out in outputs.items()}, device, landed)
+            buffers = {name: out.buffer for name, out in outputs.items()}
+            await self._fetch_to_device(wants, buffers, device, landed, gap)
         else:
             views = {name: out.view() for name, out in outputs.items()}
-            await self.engine.fetch(self.source, wants, lambda key: views[str(key)], landed)
+            await self.engine.fetch(self.source, wants, lambda key: views[str(key)], landed, max_gap=gap)
         self.source.check_unchanged()
         if hasher is not None:
             hasher.check()
         if sidecar is not None:
             checked = [(name, outputs[name].buffer.numel(), memories[name]) for name in outputs if name not in sliced]
             await self.engine.run(check_tensors, self.url, sidecar, checked)
+        return outputs
+
+    async def _take_prefetched(
+        self, names: list[str], device: torch.device | None, into: Mapping[str, torch.Tensor] | None
+    ) -> dict[str, OutputTensor]:
+        """The tensors of ``names`` a prefetch holds, once their bytes are in: on the host they become the
+        outputs' memory as they are; on a device (or into ``into``) they are copied there."""
+        import torch
+
+        from .sinks import output_tensor
+
+        if self._held is None or not names:
+            return {}
+        taken = self._held.take(names)
+        results = await asyncio.gather(*(asyncio.wrap_future(f) for f in taken.values()), return_exceptions=True)
+        outputs: dict[str, OutputTensor] = {}
+        for name, result in zip(taken, results):
+            if isinstance(result, held.PrefetchCancelledError):
+                continue  # fetched by this load instead
+            if isinstance(result, BaseException):
+                raise result  # the prefetch's own failure, a named error, surfaces here
+            info = self.header.tensors[name]
+            memory = (
+                torch.frombuffer(result.memory, dtype=torch.uint8, count=result.nbytes, offset=result.offset)
+                if result.nbytes
+                else torch.empty(0, dtype=torch.uint8)
+            )
+            target = (into or {}).get(name)
+            if target is None and device is not None:
+                target = torch.empty(result.nbytes, dtype=torch.uint8, device=device)
+            if target is not None:
+                target.copy_(memory)
+                memory = target
+            outputs[name] = output_tensor(info, info.shape, url=self.url, buffer=memory)
+            if self.engine.progress is not None:
+                self.engine.progress.advance(result.nbytes)
         return outputs
 
     async def verify_loaded(self, verify: VerifyOption, outputs: Mapping[str, OutputTensor]) -> None:
@@ -171,12 +243,15 @@ class RemoteFile:
         buffers: dict[str, torch.Tensor],
         device: torch.device,
         landed: Callable[[int, int], None] | None,
+        max_gap: int | None,
     ) -> None:
+        from .gpu import DeviceStaging, shared_pool
+
         config = self.engine.config
         pool = shared_pool(config.part_size, config.pinned_pool_bytes, pinned=device.type == "cuda")
         staging = DeviceStaging(buffers, device, pool)
         try:
-            await self.engine.fetch(self.source, wants, _no_host_destination, landed, staging)
+            await self.engine.fetch(self.source, wants, _no_host_destination, landed, staging, max_gap)
         finally:
             # Wait for every queued copy, on success and on failure alike: the caller must not see a
             # half-copied tensor, nor may memory still being copied into be freed.
@@ -234,6 +309,10 @@ class RemoteFile:
         have = min(want.end, len(self._prefix)) - want.start
         if have <= 0:
             return [want]
+        import torch
+
+        from .sinks import writable_view
+
         known = self._prefix[want.start : want.start + have]
         at = want.dest_offset
         if buffer.device.type == "cpu":
@@ -247,6 +326,19 @@ class RemoteFile:
 
     def close(self) -> None:
         self.source.close()
+
+
+def _check_same_version(found: held.HeldFile, source: Source, header_bytes: memoryview | bytes) -> None:
+    """A load taking a prefetch's bytes must see the very object the prefetch read."""
+    same = source.size == found.size and bytes(header_bytes) == found.header_bytes
+    if same and found.version is not None and source.version is not None:
+        same = source.version == found.version
+    if not same:
+        raise ObjectChangedError(
+            f"{source.url}: the object changed between the prefetch and this load "
+            f"(version {found.version} of {found.size} bytes became {source.version} of {source.size} bytes)",
+            url=source.url,
+        )
 
 
 async def read_whole(url: str, engine: Engine, storage_options: Mapping[str, Any] | None) -> bytes:
