@@ -543,4 +543,3 @@ def load_model(
             **options,
         )
     )
-

@@ -66,7 +66,9 @@ FAMILIES = [
     Family(
         "gpt2",
         _t("GPT2LMHeadModel"),
-        _config("GPT2Config", vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0),
+        _config(
+            "GPT2Config", vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+        ),
         tokens,
     ),
     Family("gemma2", _t("Gemma2ForCausalLM"), _config("Gemma2Config", **DECODER, head_dim=16), tokens),
@@ -94,7 +96,13 @@ FAMILIES = [
         "clip",
         _t("CLIPModel"),
         lambda: _transformers().CLIPConfig(
-            text_config={**ENCODER, "vocab_size": 128, "max_position_embeddings": 32, "bos_token_id": 0, "eos_token_id": 2},
+            text_config={
+                **ENCODER,
+                "vocab_size": 128,
+                "max_position_embeddings": 32,
+                "bos_token_id": 0,
+                "eos_token_id": 2,
+            },
             vision_config={**ENCODER, "image_size": 32, "patch_size": 8},
             projection_dim=32,
         ),
