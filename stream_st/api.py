@@ -476,15 +476,18 @@ async def load_model_async(
 
     Tensors the model has no use for are not downloaded (they are still reported as unexpected). Tied
     parameters (one object under several names, such as ``lm_head.weight`` and ``embed.weight``) are
-    handled as safetensors does: a name missing from the file but tied to one present is not missing.
+    handled as safetensors does: a name missing from the file but tied to one present is not missing, and
+    a file that stores several of them is loaded once (its copies must be equal) and shared.
     With ``assign=True`` (for a model built on the ``meta`` device) the loaded tensors replace the
-    parameters and tied names are re-tied to the replacement.
+    parameters and tied names are re-tied to the replacement; non-persistent buffers are recomputed for a
+    transformers model (see ``stream_st.modules``), and nothing may be left on ``meta``.
 
     Returns:
         ``(missing, unexpected)``: model names the file did not set, file names the model does not have.
 
     Raises:
-        RuntimeError: ``strict`` and some names are missing or unexpected (safetensors' message).
+        ModelLoadError: a ``RuntimeError``: ``strict`` and some names are missing or unexpected (safetensors'
+            message), tied copies differ, or a parameter or buffer would stay on ``meta``.
     """
     cfg = resolve(config, options)
     model_keys = set(model.state_dict().keys())

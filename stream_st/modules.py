@@ -147,6 +147,13 @@ def _is_transformers_model(model: torch.nn.Module) -> bool:
     return transformers is not None and isinstance(model, transformers.PreTrainedModel)
 
 
+def _guarded_init() -> bool:
+    """transformers 5 initialises through functions that skip tensors flagged ``_is_hf_initialized``; earlier
+    versions' ``_init_weights`` would overwrite the loaded weights."""
+    version = sys.modules["transformers"].__version__
+    return int(version.split(".")[0]) >= 5
+
+
 def _recompute_buffers(model: torch.nn.Module, device: torch.device, url: str) -> None:
     """Give the non-persistent buffers still on ``meta`` their values, as transformers' ``from_pretrained`` does,
     or raise naming them. Runs only when every parameter and persistent buffer is loaded: initialising a model
@@ -160,6 +167,13 @@ def _recompute_buffers(model: torch.nn.Module, device: torch.device, url: str) -
             f"{redact(url)}: the buffers {_names(names)} of {model.__class__.__name__} are computed when the module "
             "is constructed (non-persistent: no checkpoint stores them), so a model built on the meta device has no "
             "values for them; construct the modules that own them on a real device",
+            url=redact(url),
+        )
+    if not _guarded_init():
+        raise ModelLoadError(
+            f"{redact(url)}: the buffers {_names(names)} of {model.__class__.__name__} are computed when the module "
+            "is constructed, and transformers before 5.0 cannot recompute them without re-initialising loaded "
+            "weights; load the model with stream_st.integrations.transformers.from_pretrained",
             url=redact(url),
         )
     if any(tensor.is_meta for name, tensor in _all_tensors(model) if name not in names):

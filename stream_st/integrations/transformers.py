@@ -1,8 +1,9 @@
 """Load a transformers model with its weights streamed from a URL (``s3://``, ``hf://``, ``https://``, ...).
 
 The model skeleton is built by transformers itself on the ``meta`` device (no weight memory, no random
-init); stream_st streams the checkpoint straight to ``device`` and hands it over as ``state_dict``, so
-tied weights, missing keys and non-persistent buffers are handled exactly as ``from_pretrained`` does.
+init); stream_st streams the checkpoint straight to ``device`` and hands it over as ``state_dict``, so name
+conversions, tied weights, missing keys and non-persistent buffers are handled exactly as ``from_pretrained``
+does, and ``dtype=`` casts only what transformers would cast.
 
 Example:
     >>> from stream_st.integrations.transformers import from_pretrained
