@@ -17,6 +17,7 @@ from .distributed import Ranks, SplitLoad
 from .fetch import Engine, Stats
 from .header import Header
 from .integrity import VerifyOption, parse_digest
+from .modules import apply_state, tied_groups
 from .parallel import RegionOf, TensorParallel, load_raw, whole, with_regions
 from .progress import ProgressOption, make_progress
 from .remote import RemoteFile
@@ -475,19 +476,22 @@ async def load_model_async(
 
     Tensors the model has no use for are not downloaded (they are still reported as unexpected). Tied
     parameters (one object under several names, such as ``lm_head.weight`` and ``embed.weight``) are
-    handled as safetensors does: a name missing from the file but tied to one present is not missing.
+    handled as safetensors does: a name missing from the file but tied to one present is not missing, and
+    a file that stores several of them is loaded once (its copies must be equal) and shared.
     With ``assign=True`` (for a model built on the ``meta`` device) the loaded tensors replace the
-    parameters and tied names are re-tied to the replacement.
+    parameters and tied names are re-tied to the replacement; non-persistent buffers are recomputed for a
+    transformers model (see ``stream_st.modules``), and nothing may be left on ``meta``.
 
     Returns:
         ``(missing, unexpected)``: model names the file did not set, file names the model does not have.
 
     Raises:
-        RuntimeError: ``strict`` and some names are missing or unexpected (safetensors' message).
+        ModelLoadError: a ``RuntimeError``: ``strict`` and some names are missing or unexpected (safetensors'
+            message), tied copies differ, or a parameter or buffer would stay on ``meta``.
     """
     cfg = resolve(config, options)
     model_keys = set(model.state_dict().keys())
-    groups = _tied_groups(model)
+    groups = tied_groups(model)
 
     async def load() -> tuple[list[str], list[str]]:
         ranks = _ranks(process_group, device)
@@ -500,28 +504,9 @@ async def load_model_async(
                 located = await checkpoint.locate(lambda name: name in model_keys)
                 with reporting(checkpoint, total_bytes(located), progress):
                     state = await _load_located(located, device, dtype, verify)
-        result = model.load_state_dict(state, strict=False, assign=assign)
-        missing = set(result.missing_keys)
-        unexpected = [name for name in in_file if name not in model_keys]
-        for group in groups:
-            loaded = sorted(name for name in group if name in state)
-            if not loaded:
-                continue
-            for name in sorted(group - {loaded[0]}):
-                if name in missing:
-                    missing.discard(name)
-                    if assign:
-                        _set_tensor(model, name, _get_tensor(model, loaded[0]))
-                elif name not in state:
-                    unexpected.append(name)
-        if strict and (missing or unexpected):
-            error = f"Error(s) in loading state_dict for {model.__class__.__name__}:"
-            if missing:
-                error += "\n    Missing key(s) in state_dict: " + ", ".join(f'"{k}"' for k in sorted(missing))
-            if unexpected:
-                error += "\n    Unexpected key(s) in state_dict: " + ", ".join(f'"{k}"' for k in sorted(unexpected))
-            raise RuntimeError(error)
-        return sorted(missing), unexpected
+        return apply_state(
+            model, state, in_file, groups, strict=strict, assign=assign, device=to_device(device), url=url
+        )
 
     return await _with_deadline(cfg, url, load())  # type: ignore[no-any-return]
 
@@ -561,22 +546,3 @@ def load_model(
             **options,
         )
     )
-
-
-def _tied_groups(model: torch.nn.Module) -> list[set[str]]:
-    """Names that refer to one parameter or buffer object (found by identity, so meta models work too)."""
-    by_object: dict[int, set[str]] = {}
-    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-    for name, tensor in named:
-        by_object.setdefault(id(tensor), set()).add(name)
-    return [names for names in by_object.values() if len(names) > 1]
-
-
-def _get_tensor(model: torch.nn.Module, name: str) -> torch.Tensor:
-    module_name, _, attr = name.rpartition(".")
-    return getattr(model.get_submodule(module_name), attr)  # type: ignore[no-any-return]
-
-
-def _set_tensor(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
-    module_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(module_name), attr, tensor)

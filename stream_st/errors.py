@@ -8,6 +8,7 @@ Every error derives from :class:`StreamSTError` and also from the builtin a call
     ├── TensorNotFoundError(KeyError)           a requested tensor is not in the file
     ├── UnsupportedDtypeError(TypeError)        the format allows the dtype, torch cannot hold it
     ├── IntegrityError(ValueError)              streamed bytes do not match the published digest
+    ├── ModelLoadError(RuntimeError)            load_model could not give the model a complete, consistent state
     └── FetchError(OSError)                     bytes could not be fetched as asked
         ├── RangeNotSupportedError              the server ignored or mangled a Range request
         ├── IncompleteReadError                 a body ended before the bytes asked for arrived
@@ -63,6 +64,11 @@ class UnsupportedDtypeError(StreamSTError, TypeError):
 
 class IntegrityError(StreamSTError, ValueError):
     """The streamed bytes do not match the digest they were checked against (or none could be checked)."""
+
+
+class ModelLoadError(StreamSTError, RuntimeError):
+    """``load_model``: names missing or unexpected (``strict``), tied names stored with different values, or a
+    parameter or buffer left on the ``meta`` device."""
 
 
 class FetchError(StreamSTError, OSError):
