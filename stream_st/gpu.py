@@ -68,6 +68,17 @@ class PinnedPool:
         slot.wait_until_free()  # its previous copy to the device must be done before it is overwritten
         return slot
 
+    def fill(self) -> None:
+        """Allocate every slot not allocated yet (pinning them), one at a time so that loads already
+        running take slots as they come."""
+        while True:
+            with self._condition:
+                if self._allocated >= self.count:
+                    return
+                self._allocated += 1
+            buffer = torch.empty(self.slot_bytes, dtype=torch.uint8, pin_memory=self.pinned)
+            self.release(Slot(buffer, writable_view(buffer)))
+
     def release(self, slot: Slot) -> None:
         with self._condition:
             self._free.append(slot)

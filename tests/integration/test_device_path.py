@@ -8,6 +8,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -257,3 +258,30 @@ def test_cuda_verify_checks_the_bytes_on_the_gpu(http: RangeServer, root: Path) 
     assert_same(loaded, safetensors.torch.load_file(str(root / "layered.safetensors"), device="cuda"))
     with pytest.raises(sst.IntegrityError, match="sha256 of the streamed bytes is"):
         sst.load_file(url, "cuda", verify="sha256:" + "0" * 64, part_size=65536)
+
+
+def test_filling_the_pool_while_a_load_takes_slots() -> None:
+    import threading
+
+    pool = gpu.PinnedPool(1024, 4, pinned=False)
+    taken = pool.acquire(threading.Event())  # a load took one slot before the fill got to it
+    pool.fill()
+    assert (pool.allocated, pool.idle) == (4, 3)
+    pool.release(taken)
+    pool.fill()  # nothing left to allocate
+    assert (pool.allocated, pool.idle) == (4, 4)
+
+
+@cuda
+def test_cuda_load_pins_the_whole_pool_while_it_reads_the_header(
+    http: RangeServer, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gpu, "_pools", {})
+    options: dict[str, int] = {"part_size": 8192, "pinned_pool_bytes": 64 * 8192}
+    loaded = sst.load_file(http.url("small.safetensors"), "cuda", **options)  # one part: one slot needed
+    assert_same(loaded, safetensors.torch.load_file(str(root / "small.safetensors"), device="cuda"))
+    pool = only_pool()
+    deadline = time.monotonic() + 10
+    while pool.allocated < pool.count and time.monotonic() < deadline:  # the fill may still be running
+        time.sleep(0.01)
+    assert pool.allocated == pool.count == 64
