@@ -134,3 +134,17 @@ def test_tied_names_stored_different(served: tuple[RangeServer, Path]) -> None:
         skeleton = LLAMA_TIED.model_class()(LLAMA_TIED.config())
     with pytest.raises(sst.ModelLoadError, match="'lm_head.weight' and 'model.embed_tokens.weight' are one tied"):
         sst.load_model(skeleton, server.url("differ"), assign=True)
+
+
+def test_prefetch_then_from_pretrained_takes_the_prefetched_weights(served: tuple[RangeServer, Path]) -> None:
+    server, folder = served
+    server.reset()
+    url = server.url("llama-tied")
+    with sst.prefetch(url) as early:
+        early.wait(30)
+        model = from_pretrained(url)
+    same_state(model, transformers.LlamaForCausalLM.from_pretrained(folder / "llama-tied"))
+    weights = folder / "llama-tied" / "model.safetensors"
+    header = 8 + int.from_bytes(weights.read_bytes()[:8], "little")
+    sent = sum(r.sent for r in server.gets("llama-tied/model.safetensors"))
+    assert sent == weights.stat().st_size + header  # the weights once; the load re-read only the header
