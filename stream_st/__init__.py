@@ -15,6 +15,7 @@ from .config import Config
 from .errors import (
     ConfigError,
     FetchError,
+    HandleClosedError,
     HeaderError,
     IncompleteReadError,
     IntegrityError,
@@ -101,6 +102,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "FetchError",
+    "HandleClosedError",
     "Header",
     "HeaderError",
     "IncompleteReadError",

@@ -8,15 +8,23 @@ child starts a fresh loop.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import os
+import sys
 import threading
+import warnings
 from collections.abc import Awaitable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
 _lock = threading.Lock()
+# Warnings for the caller of a public function, held while the call runs (on the IO loop, in worker tasks),
+# then issued once, pointing at the caller's line rather than at stream_st's or asyncio's frames.
+_held_warnings: contextvars.ContextVar[list[tuple[str, type[Warning]]] | None] = contextvars.ContextVar(
+    "stream_st_held_warnings", default=None
+)
 _loop: asyncio.AbstractEventLoop | None = None
 _loop_thread: threading.Thread | None = None
 
@@ -58,8 +66,10 @@ def run_sync(coro: Awaitable[T]) -> T:
             coro.close()
         raise RuntimeError("stream_st's sync API was called from its own IO loop; use the *_async function")
     finished = threading.Event()
+    held: list[tuple[str, type[Warning]]] = []
 
     async def runner() -> T:
+        _held_warnings.set(held)  # this task's context: the call's warnings come back to this thread
         try:
             return await coro
         finally:
@@ -73,6 +83,55 @@ def run_sync(coro: Awaitable[T]) -> T:
             future.cancel()
             finished.wait()
         raise
+    finally:
+        _issue(held)
+
+
+def warn_caller(message: str, category: type[Warning]) -> None:
+    """A warning about the current call, for its caller: held until the public function returns (see
+    ``issuing_warnings``), repeated messages once."""
+    held = _held_warnings.get()
+    if held is None:
+        warnings.warn(message, category, stacklevel=2)
+    elif (message, category) not in held:
+        held.append((message, category))
+
+
+async def issuing_warnings(awaitable: Awaitable[T], issued: set[str] | None = None) -> T:
+    """Await a public async function's body; then issue its held warnings, one per category, at the line
+    that awaited the function (or hand them to ``run_sync``, which issues them at the sync caller's line).
+    ``issued``: messages already issued by earlier steps of the same call (an iterator), not repeated."""
+    outer = _held_warnings.get()
+    held: list[tuple[str, type[Warning]]] = []
+    token = _held_warnings.set(held)
+    try:
+        return await awaitable
+    finally:
+        _held_warnings.reset(token)
+        if issued is not None:
+            held = [(message, category) for message, category in held if message not in issued]
+            issued.update(message for message, _ in held)
+        if outer is not None:
+            outer.extend(warning for warning in held if warning not in outer)
+        else:
+            _issue(held)
+
+
+def _issue(held: list[tuple[str, type[Warning]]]) -> None:
+    """Issue held warnings, one per category, at the first frame outside stream_st: the caller's line."""
+    if not held:
+        return
+    by_category: dict[type[Warning], list[str]] = {}
+    for message, category in held:
+        by_category.setdefault(category, []).append(message)
+    level, frame = 1, sys._getframe(0)
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    for category, messages in by_category.items():
+        warnings.warn("; ".join(messages), category, stacklevel=level)
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 def close_soon(coro: Coroutine[Any, Any, None]) -> None:

@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from typing import Any
 
 import torch
 
-from ._loop import close_soon, run_sync
+from ._loop import close_soon, issuing_warnings, run_sync
+from .arguments import Device, cast_target, check_backend, path_or_url, to_device, within
 from .config import Config, resolve
 from .distributed import Ranks, SplitLoad
+from .errors import ConfigError
 from .fetch import Engine, Stats
 from .header import Header
 from .integrity import VerifyOption, parse_digest
@@ -27,8 +30,6 @@ from .sinks import OutputTensor
 from .transport import redact
 
 logger = logging.getLogger(__name__)
-
-Device = str | int | torch.device
 
 
 @contextlib.asynccontextmanager
@@ -189,33 +190,10 @@ def check_verify(checkpoint: Checkpoint, verify: VerifyOption) -> None:
     if isinstance(verify, str) and verify != "strict":
         parse_digest(verify)
         if checkpoint.sharded:
-            raise ValueError(
+            raise ConfigError(
                 f"{checkpoint.url}: verify={verify!r} is one digest, but the checkpoint has {len(checkpoint.shards)} "
                 "files; use verify=True (each file's published digest or sidecar)"
             )
-
-
-async def _with_deadline(config: Config, url: str, coro: Any) -> Any:
-    if config.timeout is None:
-        return await coro
-    try:
-        return await asyncio.wait_for(coro, config.timeout)
-    except TimeoutError:
-        raise TimeoutError(f"{url}: load did not finish within timeout={config.timeout}s") from None
-
-
-def to_device(device: Device) -> torch.device:
-    """``"cuda"``, ``"cuda:1"``, ``1`` or a torch.device, as a torch.device (``"cuda"`` gets its index).
-
-    The sync functions call this on the caller's thread before handing the load to the IO thread: CUDA's
-    current device is per thread, and ``"cuda"`` must mean the GPU the caller made current
-    (``torch.cuda.set_device(local_rank)``), not the IO thread's GPU 0."""
-    target = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
-    if target.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r}, but CUDA is not available to this torch ({torch.__version__})")
-    if target.type == "cuda" and target.index is None:
-        target = torch.device("cuda", torch.cuda.current_device())
-    return target
 
 
 def finish(host: OutputTensor, device: Device, dtype: torch.dtype | None) -> torch.Tensor:
@@ -231,31 +209,44 @@ def finish(host: OutputTensor, device: Device, dtype: torch.dtype | None) -> tor
 
 
 async def read_header_async(
-    url: str, *, storage_options: Mapping[str, Any] | None = None, config: Config | None = None, **options: Any
+    url: str | os.PathLike[str],
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    config: Config | None = None,
+    **options: Any,
 ) -> Header:
     """Fetch and validate only the header of ``url`` (one ranged GET for ordinary files).
 
     Returns:
         The [`Header`]: tensors in file order with dtype, shape and absolute byte spans; metadata; sizes.
     """
+    url = path_or_url(url)
     cfg = resolve(config, options)
-    async with open_remote(url, cfg, storage_options) as file:
-        return file.header
+
+    async def read() -> Header:
+        async with open_remote(url, cfg, storage_options) as file:
+            return file.header
+
+    return await within(cfg.timeout, f"{redact(url)}: read_header", read())
 
 
 def read_header(
-    url: str, *, storage_options: Mapping[str, Any] | None = None, config: Config | None = None, **options: Any
+    url: str | os.PathLike[str],
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    config: Config | None = None,
+    **options: Any,
 ) -> Header:
     """Sync twin of [`read_header_async`]."""
     return run_sync(read_header_async(url, storage_options=storage_options, config=config, **options))
 
 
 async def load_file_async(
-    url: str,
+    url: str | os.PathLike[str],
     device: Device = "cpu",
     *,
     tensors: Selection = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     storage_options: Mapping[str, Any] | None = None,
     config: Config | None = None,
     progress: ProgressOption = None,
@@ -263,6 +254,7 @@ async def load_file_async(
     verify: VerifyOption = None,
     tensor_parallel: TensorParallel | None = None,
     process_group: Any = None,
+    backend: str | None = None,
     **options: Any,
 ) -> dict[str, torch.Tensor]:
     """Load the tensors of a safetensors checkpoint at ``url``, fetching only the bytes needed.
@@ -306,7 +298,8 @@ async def load_file_async(
     Example:
         >>> state = stream_st.load_file("https://host/model.safetensors", tensors=["model.layers.0.*"])
     """
-    cfg = resolve(config, options)
+    url, dtype, cfg = path_or_url(url), cast_target(dtype), resolve(config, options)
+    check_backend(backend)
 
     async def load() -> dict[str, torch.Tensor]:
         ranks = _ranks(process_group, device)
@@ -320,15 +313,15 @@ async def load_file_async(
                 outputs = await load_raw(with_regions(located, region_of), to_device(device), verify)
                 return _finished(outputs, device, dtype)
 
-    return await _with_deadline(cfg, url, load())  # type: ignore[no-any-return]
+    return await issuing_warnings(within(cfg.timeout, f"{redact(url)}: load", load()))
 
 
 def load_file(
-    url: str,
+    url: str | os.PathLike[str],
     device: Device = "cpu",
     *,
     tensors: Selection = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     storage_options: Mapping[str, Any] | None = None,
     config: Config | None = None,
     progress: ProgressOption = None,
@@ -336,6 +329,7 @@ def load_file(
     verify: VerifyOption = None,
     tensor_parallel: TensorParallel | None = None,
     process_group: Any = None,
+    backend: str | None = None,
     **options: Any,
 ) -> dict[str, torch.Tensor]:
     """Sync twin of [`load_file_async`]: ``load_file(url, device="cpu", *, tensors=None, dtype=None, ...)``."""
@@ -353,23 +347,25 @@ def load_file(
             verify=verify,
             tensor_parallel=tensor_parallel,
             process_group=process_group,
+            backend=backend,
             **options,
         )
     )
 
 
 async def iter_tensors_async(
-    url: str,
+    url: str | os.PathLike[str],
     device: Device = "cpu",
     *,
     tensors: Selection = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     storage_options: Mapping[str, Any] | None = None,
     config: Config | None = None,
     progress: ProgressOption = None,
     stats: Stats | None = None,
     verify: VerifyOption = None,
     process_group: Any = None,
+    backend: str | None = None,
     **options: Any,
 ) -> AsyncGenerator[tuple[str, torch.Tensor], None]:
     """Yield ``(name, tensor)`` in file order while later tensors download, with bounded memory.
@@ -378,9 +374,38 @@ async def iter_tensors_async(
     caller consumes the current one, so at most about two batches are held at once (a tensor larger than
     the budget forms a batch of its own). The first batch is one part (``part_size``) long, so the first
     tensor arrives as soon as possible. With ``process_group=`` (see [`load_file_async`]) every batch is
-    split between the ranks and exchanged; every rank must then consume the whole iterator.
+    split between the ranks and exchanged; every rank must then consume the whole iterator. With
+    ``timeout=``, each step (the wait for the next tensor) must finish within it.
     """
-    cfg = resolve(config, options)
+    url, dtype, cfg = path_or_url(url), cast_target(dtype), resolve(config, options)
+    check_backend(backend)
+    steps = _iterate(url, device, tensors, dtype, storage_options, cfg, progress, stats, verify, process_group)
+    issued: set[str] = set()  # each warning once per iteration, not once per batch
+    try:
+        while True:
+            try:
+                step = within(cfg.timeout, f"{redact(url)}: the next tensor", steps.__anext__())
+                item = await issuing_warnings(step, issued)
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        await steps.aclose()
+
+
+async def _iterate(
+    url: str,
+    device: Device,
+    tensors: Selection,
+    dtype: torch.dtype | None,
+    storage_options: Mapping[str, Any] | None,
+    cfg: Config,
+    progress: ProgressOption,
+    stats: Stats | None,
+    verify: VerifyOption,
+    process_group: Any,
+) -> AsyncGenerator[tuple[str, torch.Tensor], None]:
+    """The body of [`iter_tensors_async`], its arguments checked."""
     ranks = _ranks(process_group, device)
     async with (
         _together(ranks),
@@ -444,17 +469,18 @@ def _batches(
 
 
 def iter_tensors(
-    url: str,
+    url: str | os.PathLike[str],
     device: Device = "cpu",
     *,
     tensors: Selection = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     storage_options: Mapping[str, Any] | None = None,
     config: Config | None = None,
     progress: ProgressOption = None,
     stats: Stats | None = None,
     verify: VerifyOption = None,
     process_group: Any = None,
+    backend: str | None = None,
     **options: Any,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Sync twin of [`iter_tensors_async`]; closing the iterator early cancels what is in flight."""
@@ -470,6 +496,7 @@ def iter_tensors(
         stats=stats,
         verify=verify,
         process_group=process_group,
+        backend=backend,
         **options,
     )
     try:
@@ -484,18 +511,19 @@ def iter_tensors(
 
 async def load_model_async(
     model: torch.nn.Module,
-    url: str,
+    url: str | os.PathLike[str],
     strict: bool = True,
     device: Device = "cpu",
     *,
     assign: bool = False,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     storage_options: Mapping[str, Any] | None = None,
     config: Config | None = None,
     progress: ProgressOption = None,
     stats: Stats | None = None,
     verify: VerifyOption = None,
     process_group: Any = None,
+    backend: str | None = None,
     **options: Any,
 ) -> tuple[list[str], list[str]]:
     """Load a checkpoint into ``model`` like ``safetensors.torch.load_model``, fetching only its tensors.
@@ -515,7 +543,8 @@ async def load_model_async(
         ModelLoadError: a ``RuntimeError``: ``strict`` and some names are missing or unexpected (safetensors'
             message), tied copies differ, or a parameter or buffer would stay on ``meta``.
     """
-    cfg = resolve(config, options)
+    url, dtype, cfg = path_or_url(url), cast_target(dtype), resolve(config, options)
+    check_backend(backend)
     model_keys = set(model.state_dict().keys())
     groups = tied_groups(model)
 
@@ -534,23 +563,24 @@ async def load_model_async(
             model, state, in_file, groups, strict=strict, assign=assign, device=to_device(device), url=url
         )
 
-    return await _with_deadline(cfg, url, load())  # type: ignore[no-any-return]
+    return await issuing_warnings(within(cfg.timeout, f"{redact(url)}: load_model", load()))
 
 
 def load_model(
     model: torch.nn.Module,
-    url: str,
+    url: str | os.PathLike[str],
     strict: bool = True,
     device: Device = "cpu",
     *,
     assign: bool = False,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     storage_options: Mapping[str, Any] | None = None,
     config: Config | None = None,
     progress: ProgressOption = None,
     stats: Stats | None = None,
     verify: VerifyOption = None,
     process_group: Any = None,
+    backend: str | None = None,
     **options: Any,
 ) -> tuple[list[str], list[str]]:
     """Sync twin of [`load_model_async`]."""
@@ -569,6 +599,7 @@ def load_model(
             stats=stats,
             verify=verify,
             process_group=process_group,
+            backend=backend,
             **options,
         )
     )

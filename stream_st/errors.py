@@ -1,6 +1,8 @@
 """The exception tree of stream_st.
 
-Every error derives from :class:`StreamSTError` and also from the builtin a caller would already catch::
+Every error derives from :class:`StreamSTError` and also from the builtin a caller would already catch.
+``StreamSTError`` itself derives from ``safetensors.SafetensorError``, so code written for safetensors
+(``except SafetensorError``) catches stream_st's errors too::
 
     StreamSTError
     ├── ConfigError(ValueError)                 an option has an impossible value
@@ -8,6 +10,7 @@ Every error derives from :class:`StreamSTError` and also from the builtin a call
     ├── TensorNotFoundError(KeyError)           a requested tensor is not in the file
     ├── UnsupportedDtypeError(TypeError)        the format allows the dtype, torch cannot hold it
     ├── IntegrityError(ValueError)              streamed bytes do not match the published digest
+    ├── HandleClosedError(RuntimeError)         a safe_open handle was used after it was closed
     ├── ModelLoadError(RuntimeError)            load_model could not give the model a complete, consistent state
     └── FetchError(OSError)                     bytes could not be fetched as asked
         ├── RangeNotSupportedError              the server ignored or mangled a Range request
@@ -20,8 +23,10 @@ Every error derives from :class:`StreamSTError` and also from the builtin a call
 
 from __future__ import annotations
 
+from safetensors import SafetensorError
 
-class StreamSTError(Exception):
+
+class StreamSTError(SafetensorError):
     """Base class of every error raised by stream_st."""
 
     def __init__(
@@ -64,6 +69,10 @@ class UnsupportedDtypeError(StreamSTError, TypeError):
 
 class IntegrityError(StreamSTError, ValueError):
     """The streamed bytes do not match the digest they were checked against (or none could be checked)."""
+
+
+class HandleClosedError(StreamSTError, RuntimeError):
+    """A ``safe_open`` handle was used after it was closed (safetensors raises its ``SafetensorError``)."""
 
 
 class ModelLoadError(StreamSTError, RuntimeError):

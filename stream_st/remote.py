@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from . import held
-from .errors import IntegrityError, IntegrityWarning, ObjectChangedError
+from ._loop import warn_caller
+from .errors import ConfigError, IntegrityError, IntegrityWarning, ObjectChangedError
 from .fetch import Engine
 from .header import LENGTH_PREFIX, Header, TensorInfo, declared_header_size, parse_header
 from .integrity import (
@@ -164,6 +164,14 @@ class RemoteFile:
         memories = _hashable_memories(outputs, staged) if verify else {}
         sliced = {name for name, region in requested if region}
         whole = len(outputs) == len(self.header) and not sliced
+        if isinstance(verify, str) and verify != "strict" and not whole:
+            raise ConfigError(
+                f"{self.url}: verify={verify[:15]}... is a digest of the whole file, but this load reads "
+                f"{len(outputs) - len(sliced)} whole tensors of {len(self.header)}"
+                + (f" and slices of {len(sliced)}" if sliced else "")
+                + "; load the whole file, or use verify=True with a sidecar of per-tensor digests",
+                url=self.url,
+            )
         hasher = await self._whole_file_hasher(verify, memories) if verify and whole else None
         sidecar = await self._sidecar_for_partial(verify) if verify and not whole else None
         if verify and sliced:
@@ -302,7 +310,7 @@ class RemoteFile:
         """Some bytes asked to be verified cannot be: warn (verify=True) or fail (verify="strict")."""
         if verify == "strict":
             raise IntegrityError(f"{self.url}: {why}; not verified", url=self.url)
-        warnings.warn(f"{self.url}: {why}; loading unverified", IntegrityWarning, stacklevel=3)
+        warn_caller(f"{self.url}: {why}; loading unverified", IntegrityWarning)
 
     def _take_from_prefix(self, want: Want, buffer: torch.Tensor) -> list[Want]:
         """Copy what the header read already fetched; return what is still missing."""

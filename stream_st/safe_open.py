@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import os
+from collections.abc import Awaitable, Iterable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from ._loop import gather_or_cancel, run_sync
-from .api import Device, finish, settle, to_device
+from .api import finish, settle
+from .arguments import Device, cast_target, check_backend, path_or_url, to_device, within
 from .config import Config, resolve
+from .errors import HandleClosedError
 from .fetch import Engine
 from .header import TensorInfo
+from .integrity import VerifyOption
 from .regions import Region
 from .remote import RemoteFile
 from .shards import Checkpoint, open_checkpoint
+from .transport import redact
 
 Index = Any  # what tensor[...] accepts
+T = TypeVar("T")
 
 
 class AsyncSafeOpen:
@@ -25,20 +31,23 @@ class AsyncSafeOpen:
 
     def __init__(
         self,
-        url: str,
+        url: str | os.PathLike[str],
         framework: str = "pt",
         device: Device = "cpu",
         *,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         storage_options: Mapping[str, Any] | None = None,
         config: Config | None = None,
+        verify: VerifyOption = None,
+        backend: str | None = None,
         **options: Any,
     ) -> None:
         if framework not in ("pt", "torch", "pytorch"):
             raise ValueError(f"framework {framework!r} is not supported; stream_st loads torch tensors ('pt')")
-        # Resolved here, on the caller's thread: "cuda" means the GPU current there (see api.to_device).
-        self._url, self._device, self._dtype = url, to_device(device), dtype
-        self._storage_options = storage_options
+        check_backend(backend)
+        # Resolved here, on the caller's thread: "cuda" means the GPU current there (see arguments.to_device).
+        self._url, self._device, self._dtype = path_or_url(url), to_device(device), cast_target(dtype)
+        self._storage_options, self._verify = storage_options, verify
         self._config = resolve(config, options)
         self._engine: Engine | None = None
         self._checkpoint: Checkpoint | None = None
@@ -47,6 +56,12 @@ class AsyncSafeOpen:
 
     async def open(self) -> AsyncSafeOpen:
         """Read and validate the header (done by ``async with``); for an index, read the index only."""
+        return await self._within("open", self._open())
+
+    async def _within(self, what: str, awaitable: Awaitable[T]) -> T:
+        return await within(self._config.timeout, f"{redact(self._url)}: safe_open {what}", awaitable)
+
+    async def _open(self) -> AsyncSafeOpen:
         if self._checkpoint is None:
             engine = Engine(self._config)
             try:
@@ -79,7 +94,8 @@ class AsyncSafeOpen:
     @property
     def checkpoint(self) -> Checkpoint:
         if self._checkpoint is None:
-            raise RuntimeError(f"{self._url}: the handle is closed (use it inside 'with')")
+            url = redact(self._url)
+            raise HandleClosedError(f"{url}: the handle is closed (use it inside 'with')", url=url)
         return self._checkpoint
 
     def keys(self) -> list[str]:
@@ -101,8 +117,12 @@ class AsyncSafeOpen:
         """Fetch one tensor."""
         return (await self.get_tensors([name]))[name]
 
-    async def get_tensors(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        """Fetch several tensors with one plan per file (coalesced, concurrent)."""
+    async def get_tensors(self, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """Fetch several tensors (None: all of them, in file order) with one plan per file (coalesced,
+        concurrent)."""
+        return await self._within("get_tensors", self._get_tensors(self.offset_keys() if names is None else names))
+
+    async def _get_tensors(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         wanted = list(names)
         files = [await self.checkpoint.find(name) for name in wanted]
         located: dict[RemoteFile, list[str]] = {}
@@ -110,7 +130,7 @@ class AsyncSafeOpen:
             located.setdefault(file, []).append(name)
         device = to_device(self._device)
         loads = await gather_or_cancel(
-            *(file.load(((n, None) for n in group), None, device) for file, group in located.items())
+            *(file.load(((n, None) for n in group), self._verify, device) for file, group in located.items())
         )
         hosts = {name: host for loaded in loads for name, host in loaded.items()}
         tensors = {name: finish(hosts[name], self._device, self._dtype) for name in wanted}
@@ -136,13 +156,15 @@ class AsyncTensorSlice:
         return self._info.dtype
 
     async def read(self, index: Index) -> torch.Tensor:
-        info = self._info
+        return await self._handle._within("get_slice", self._read(index))
+
+    async def _read(self, index: Index) -> torch.Tensor:
+        info, handle = self._info, self._handle
         rows, local = covering_rows(info, index)
         region = Region(0, *rows) if rows else None
-        hosts = await self._file.load([(info.name, region)], None, to_device(self._handle._device))
-        tensor = finish(hosts[info.name], self._handle._device, self._handle._dtype)
-        tensor = tensor[local].contiguous() if local is not None else tensor
-        settle(self._handle._device)
+        hosts = await self._file.load([(info.name, region)], handle._verify, to_device(handle._device))
+        tensor = finish(hosts[info.name], handle._device, handle._dtype)[local].contiguous()
+        settle(handle._device)
         return tensor
 
 
@@ -186,11 +208,11 @@ class safe_open:  # noqa: N801 - the name mirrors safetensors.safe_open
 
     def __init__(
         self,
-        url: str,
+        url: str | os.PathLike[str],
         framework: str = "pt",
         device: Device = "cpu",
         *,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         storage_options: Mapping[str, Any] | None = None,
         config: Config | None = None,
         **options: Any,
@@ -223,8 +245,9 @@ class safe_open:  # noqa: N801 - the name mirrors safetensors.safe_open
     def get_tensor(self, name: str) -> torch.Tensor:
         return run_sync(self._handle.get_tensor(name))
 
-    def get_tensors(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        return run_sync(self._handle.get_tensors(list(names)))
+    def get_tensors(self, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """The tensors of ``names`` (None: every tensor), fetched together."""
+        return run_sync(self._handle.get_tensors(None if names is None else list(names)))
 
     def get_slice(self, name: str) -> TensorSlice:
         return TensorSlice(run_sync(self._handle.get_slice(name)))
@@ -247,11 +270,11 @@ class TensorSlice:
 
 
 def safe_open_async(
-    url: str,
+    url: str | os.PathLike[str],
     framework: str = "pt",
     device: Device = "cpu",
     *,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     storage_options: Mapping[str, Any] | None = None,
     config: Config | None = None,
     **options: Any,

@@ -23,6 +23,7 @@ def select(names: Sequence[str], wanted: Selection, *, url: str) -> list[str]:
 
     ``wanted`` is None (everything), or one or several of: an exact name, a glob pattern (``*``, ``?``,
     ``[...]``), a compiled regular expression (matched with ``search``) or a predicate ``name -> bool``.
+    A string that is a name of the file selects that name alone, glob characters or not.
     An exact name or a pattern that matches nothing raises :class:`TensorNotFoundError` with the closest
     names; a predicate may match nothing.
     """
@@ -32,7 +33,8 @@ def select(names: Sequence[str], wanted: Selection, *, url: str) -> list[str]:
     chosen: set[str] = set()
     known = set(names)
     for selector in selectors:
-        if isinstance(selector, str) and not _GLOB_CHARS & set(selector):
+        # A name of the file is taken as it is, even where it holds glob characters ("w[0]").
+        if isinstance(selector, str) and (selector in known or not _GLOB_CHARS & set(selector)):
             if selector not in known:
                 raise TensorNotFoundError(_not_found(selector, names, url), url=url, tensor=selector)
             chosen.add(selector)

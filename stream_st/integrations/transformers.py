@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from .._loop import run_sync
-from ..api import Device, load_file, to_device
+from ..api import load_file
+from ..arguments import Device, to_device
 from ..config import Config, resolve
 from ..fetch import Engine
 from ..remote import read_whole

@@ -1,0 +1,94 @@
+"""The arguments of a public call, checked and normalised once, on the caller's thread, before any I/O:
+paths, devices, cast targets, ``backend=``, and the deadline every operation applies the same way."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable
+from typing import TypeVar
+
+import torch
+
+from .errors import ConfigError
+
+Device = str | int | torch.device
+T = TypeVar("T")
+
+BACKENDS = ("mmap", "pread")  # safetensors' names; stream_st reads local files with positional reads either way
+
+# Strings accepted for dtype= (besides torch.dtype objects): only floating types are cast targets.
+_CAST_NAMES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "f16": torch.float16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "f32": torch.float32,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+    "f64": torch.float64,
+    "fp64": torch.float64,
+    "float64": torch.float64,
+    "double": torch.float64,
+}
+
+
+def path_or_url(url: str | os.PathLike[str]) -> str:
+    """A URL or local path as a string (``pathlib.Path`` and other ``os.PathLike`` objects included)."""
+    if isinstance(url, str):
+        return url
+    if isinstance(url, os.PathLike):
+        return os.fspath(url)
+    raise TypeError(f"expected a URL, a path or an os.PathLike, got {type(url).__name__}")
+
+
+def cast_target(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``dtype=`` as a floating torch dtype: a torch.dtype, or a name such as ``"bf16"``, ``"float16"`` or
+    ``"torch.float16"``. Integer and bool targets are refused: casting weights to them destroys them."""
+    if dtype is None:
+        return None
+    target = _CAST_NAMES.get(dtype.removeprefix("torch.").lower()) if isinstance(dtype, str) else dtype
+    if isinstance(target, torch.dtype) and target.is_floating_point:
+        return target
+    names = ", ".join(sorted(_CAST_NAMES))
+    raise ConfigError(
+        f"dtype={dtype!r} is not a floating-point dtype to cast to; pass a floating torch.dtype or one of: {names}"
+    )
+
+
+def check_backend(backend: str | None) -> None:
+    """safetensors' ``backend=``: "mmap" or "pread" (the same positional reads here), else its error."""
+    if backend is not None and backend not in BACKENDS:
+        expected = ", ".join(f'"{name}"' for name in BACKENDS)
+        raise ConfigError(f'backend "{backend}" is invalid (expected one of: {expected})')
+
+
+def to_device(device: Device) -> torch.device:
+    """``"cuda"``, ``"cuda:1"``, ``1`` or a torch.device, as a torch.device (``"cuda"`` gets its index).
+
+    The sync functions call this on the caller's thread before handing the load to the IO thread: CUDA's
+    current device is per thread, and ``"cuda"`` must mean the GPU the caller made current
+    (``torch.cuda.set_device(local_rank)``), not the IO thread's GPU 0."""
+    try:
+        target = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"device={device!r} is not a device ({exc})") from None
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r}, but CUDA is not available to this torch ({torch.__version__})")
+    if target.type == "cuda" and target.index is None:
+        target = torch.device("cuda", torch.cuda.current_device())
+    return target
+
+
+async def within(timeout: float | None, what: str, awaitable: Awaitable[T]) -> T:
+    """``awaitable`` bounded by ``timeout`` seconds (None: unbounded); on expiry it is cancelled (its
+    sockets aborted, its threads stopped) and ``TimeoutError`` names ``what``."""
+    if timeout is None:
+        return await awaitable
+    try:
+        return await asyncio.wait_for(awaitable, timeout)
+    except (TimeoutError, asyncio.TimeoutError):  # distinct classes before Python 3.11
+        raise TimeoutError(f"{what} did not finish within timeout={timeout}s") from None

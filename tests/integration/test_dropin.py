@@ -1,0 +1,168 @@
+"""Drop-in for safetensors users: what safetensors accepts is accepted, and misuse fails clearly, early
+and with stream_st's named errors (which code catching safetensors' SafetensorError also catches)."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import safetensors
+import safetensors.torch
+import torch
+
+import stream_st as sst
+from checkpoints import assert_same, write
+from servers import RangeServer
+
+
+@pytest.mark.parametrize("backend", ["mmap", "pread"])
+def test_backend_is_accepted_as_safetensors_accepts_it(http: RangeServer, root: Path, backend: str) -> None:
+    path = root / "dtypes.safetensors"
+    expected = safetensors.torch.load_file(str(path), backend=backend)
+    for where in (str(path), http.url("dtypes.safetensors")):
+        assert_same(sst.load_file(where, backend=backend), expected)
+        with sst.safe_open(where, framework="pt", backend=backend) as handle:
+            assert handle.get_tensor("F32.odd").equal(expected["F32.odd"])
+
+
+def test_an_invalid_backend_raises_what_safetensors_raises(http: RangeServer, root: Path) -> None:
+    path = root / "small.safetensors"
+    with pytest.raises(safetensors.SafetensorError) as theirs:
+        safetensors.torch.load_file(str(path), backend="bogus")
+    for call in (
+        lambda: sst.load_file(str(path), backend="bogus"),
+        lambda: sst.load_model(torch.nn.Module(), str(path), strict=False, backend="bogus"),
+        lambda: sst.safe_open(http.url("small.safetensors"), framework="pt", backend="bogus"),
+    ):
+        with pytest.raises(sst.ConfigError) as ours:
+            call()
+        assert isinstance(ours.value, safetensors.SafetensorError)
+        assert str(ours.value) == str(theirs.value)
+    assert http.gets() == []  # refused before any request
+
+
+def test_every_stream_st_error_is_a_safetensor_error() -> None:
+    names = [name for name in sst.__all__ if name.endswith("Error")]
+    assert len(names) >= 10
+    for name in names:
+        assert issubclass(getattr(sst, name), safetensors.SafetensorError), name
+
+
+def test_a_closed_handle_raises_what_code_for_safetensors_catches(http: RangeServer) -> None:
+    with sst.safe_open(http.url("small.safetensors"), framework="pt") as handle:
+        pass
+    with pytest.raises(safetensors.SafetensorError, match="the handle is closed"):
+        handle.keys()
+    with pytest.raises(sst.HandleClosedError):
+        handle.get_tensor("x")
+
+
+def test_get_tensors_without_names_returns_every_tensor(http: RangeServer, root: Path) -> None:
+    with sst.safe_open(http.url("dtypes.safetensors"), framework="pt") as handle:
+        got = handle.get_tensors()
+    expected = safetensors.torch.load_file(str(root / "dtypes.safetensors"))
+    assert_same(got, expected)
+    assert list(got) == list(sst.read_header(http.url("dtypes.safetensors")).tensors)  # file order
+
+
+def test_path_like_works_wherever_a_path_does(root: Path) -> None:
+    path = root / "dtypes.safetensors"
+    expected = safetensors.torch.load_file(path)
+    assert_same(sst.load_file(path), expected)
+    assert list(sst.read_header(path).tensors) == list(sst.read_header(str(path)).tensors)
+    with sst.safe_open(path, framework="pt") as handle:
+        assert handle.get_tensor("I64.odd").equal(expected["I64.odd"])
+    assert_same(dict(sst.iter_tensors(path)), expected)
+
+
+@pytest.mark.parametrize(
+    "index",
+    [None, (None, 1), (Ellipsis, None), (slice(1, 3), None), (Ellipsis,), 2, (-1, slice(None, None, 2))],
+    ids=repr,
+)
+def test_get_slice_indexes_as_safetensors_does(http: RangeServer, root: Path, index: object) -> None:
+    path = root / "dtypes.safetensors"
+    with safetensors.safe_open(str(path), framework="pt") as theirs:
+        expected = theirs.get_slice("F32.odd")[index]
+    with sst.safe_open(http.url("dtypes.safetensors"), framework="pt") as ours:
+        got = ours.get_slice("F32.odd")[index]
+    assert got.shape == expected.shape
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, "int8", "bogus", "cuda"])
+def test_a_cast_to_a_non_floating_dtype_is_refused_before_any_request(http: RangeServer, dtype: object) -> None:
+    with pytest.raises(sst.ConfigError, match="is not a floating-point dtype to cast to"):
+        sst.load_file(http.url("layered.safetensors"), dtype=dtype)  # type: ignore[arg-type]
+    assert http.gets() == []
+
+
+@pytest.mark.parametrize("name", ["bf16", "bfloat16", "torch.bfloat16", torch.bfloat16])
+def test_cast_names_are_accepted(http: RangeServer, root: Path, name: object) -> None:
+    got = sst.load_file(http.url("small.safetensors"), dtype=name)  # type: ignore[arg-type]
+    assert got["x"].dtype == torch.bfloat16
+    assert torch.equal(got["x"], torch.arange(6, dtype=torch.float32).to(torch.bfloat16))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_a_named_error(http: RangeServer) -> None:
+    with pytest.raises(sst.ConfigError, match="CUDA is not available"):
+        sst.load_file(http.url("small.safetensors"), device="cuda")
+    with pytest.raises(sst.ConfigError, match="is not a device"):
+        sst.load_file(http.url("small.safetensors"), device="bf16")
+    assert http.gets() == []
+
+
+def _stalled(http: RangeServer) -> None:
+    http.quirks.faults, http.quirks.fault_kind, http.quirks.stall_seconds = 100, "stall", 4.0
+
+
+def test_timeout_bounds_read_header_iter_tensors_and_safe_open(http: RangeServer) -> None:
+    url = http.url("layered.safetensors")
+    options = {"header_prefetch": 4096, "backoff_base": 0.01, "timeout": 0.5}
+    _stalled(http)  # every body stalls, the header read's too
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="read_header did not finish within timeout=0.5s"):
+        sst.read_header(url, **options)
+    with pytest.raises(TimeoutError, match="safe_open open did not finish within timeout=0.5s"):
+        sst.safe_open(url, framework="pt", **options)
+    with pytest.raises(TimeoutError, match="the next tensor did not finish within timeout=0.5s"):
+        next(sst.iter_tensors(url, **options))
+    assert time.monotonic() - started < 10  # each gave up after its 0.5 s, not after the server's 4 s stalls
+
+
+def test_a_whole_file_digest_on_a_partial_load_is_refused(http: RangeServer, root: Path) -> None:
+    digest = "sha256:" + "0" * 64
+    with pytest.raises(sst.ConfigError, match="is a digest of the whole file, but this load reads 1 whole tensors"):
+        sst.load_file(http.url("layered.safetensors"), tensors="lm_head.weight", verify=digest)
+    header_only = [r for r in http.gets() if r.range and r.range.startswith("bytes=0-")]
+    assert http.gets() == header_only  # no tensor bytes were fetched
+
+
+def test_one_integrity_warning_per_load_pointing_at_the_callers_line(http: RangeServer, root: Path) -> None:
+    url = http.url("layered.safetensors")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sst.load_file(url, tensors="model.layers.*", verify=True)
+        list(sst.iter_tensors(url, tensors="model.layers.*", verify=True, max_inflight_bytes=64 << 10))
+    integrity = [w for w in caught if issubclass(w.category, sst.IntegrityWarning)]
+    assert len(integrity) == 2, [str(w.message) for w in integrity]  # one per load, the iterator's batches too
+    assert {Path(w.filename).name for w in integrity} == {Path(__file__).name}
+    assert "loading unverified" in str(integrity[0].message)
+
+
+def test_an_exact_name_with_glob_characters_can_be_selected(http: RangeServer, root: Path) -> None:
+    path = write(
+        root / "globby.safetensors", {"w[0]": torch.ones(2), "w0": torch.zeros(2), "w*": torch.full((2,), 7.0)}
+    )
+    try:
+        got = sst.load_file(http.url(path.name), tensors=["w[0]", "w*"])
+        assert set(got) == {"w[0]", "w*"}
+        assert torch.equal(got["w[0]"], torch.ones(2))
+        assert set(sst.load_file(http.url(path.name), tensors="w?")) == {"w0", "w*"}  # not a name: a glob
+        with pytest.raises(sst.TensorNotFoundError, match="no tensor matches 'v\\*'"):
+            sst.load_file(http.url(path.name), tensors="v*")  # an unmatched glob raises
+    finally:
+        path.unlink()
