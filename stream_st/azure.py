@@ -21,8 +21,10 @@ import base64
 import hashlib
 import hmac
 import inspect
+import json
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -248,19 +250,41 @@ def resolve_auth(address: BlobAddress, options: Mapping[str, Any], shown: str, *
         return _Auth(endpoint, account, sas=str(sas).lstrip("?"))
     client_id = _option(options, "client_id", "AZURE_STORAGE_CLIENT_ID")
     if client_id:
-        from azure.identity import ClientSecretCredential
-
         secret = _option(options, "client_secret", "AZURE_STORAGE_CLIENT_SECRET")
         tenant = _option(options, "tenant_id", "AZURE_STORAGE_TENANT_ID")
-        return _Auth(endpoint, account, token=ClientSecretCredential(tenant, client_id, secret))
+        return _Auth(endpoint, account, token=_identity("ClientSecretCredential", tenant, client_id, secret))
     if _anonymous(options) or not implicit:
         return _Auth(endpoint, account)
+    extra = {k: v for k, v in options.items() if k not in _CREDENTIAL_OPTIONS | _IGNORED_OPTIONS}
     try:
-        from azure.identity import DefaultAzureCredential
+        return _Auth(endpoint, account, token=_identity("DefaultAzureCredential", **extra))
     except ImportError:  # without azure-identity there is no ambient credential to find
         return _Auth(endpoint, account)
-    extra = {k: v for k, v in options.items() if k not in _CREDENTIAL_OPTIONS | _IGNORED_OPTIONS}
-    return _Auth(endpoint, account, token=DefaultAzureCredential(**extra))
+
+
+# azure-identity credentials built here, one per set of arguments (as fsspec caches one adlfs instance per set
+# of options): each caches its token, so the shards of a checkpoint and later loads ask for it once.
+_credentials: dict[str, Any] = {}
+_credentials_lock = threading.Lock()
+
+
+def _forget_credentials_after_fork() -> None:
+    global _credentials_lock
+    _credentials.clear()
+    _credentials_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_credentials_after_fork)
+
+
+def _identity(kind: str, *args: Any, **kwargs: Any) -> Any:
+    key = json.dumps([kind, args, kwargs], sort_keys=True, default=repr)
+    with _credentials_lock:
+        if key not in _credentials:
+            import azure.identity
+
+            _credentials[key] = getattr(azure.identity, kind)(*args, **kwargs)
+        return _credentials[key]
 
 
 def _from_credential(credential: Any, endpoint: str, account: str, shown: str) -> _Auth:

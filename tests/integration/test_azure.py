@@ -338,3 +338,16 @@ def test_url_forms(given: str, container: str, blob: str, account: str | None) -
 )
 def test_not_a_single_blob(given: str) -> None:
     assert parse_blob_url(given) is None
+
+
+def test_default_azure_credential_when_nothing_else_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no key, SAS, connection string or credential, the token comes from DefaultAzureCredential, which
+    gets the options adlfs would not take itself (here: all its sources but the environment, which is empty).
+    Its failure is a PermissionError naming the URL; nothing is sent anywhere."""
+    for name in ("AZURE_CLIENT_ID", "AZURE_CLIENT_SECRET", "AZURE_TENANT_ID", "AZURE_USERNAME", "AZURE_AUTHORITY_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    others = ("workload_identity", "managed_identity", "shared_token_cache", "visual_studio_code", "cli")
+    others += ("powershell", "developer_cli", "interactive_browser", "broker")
+    options = {"account_name": "acct", **{f"exclude_{other}_credential": True for other in others}}
+    with pytest.raises(PermissionError, match="az://c1/m.safetensors: no Azure credential could give a token"):
+        sst.load_file("az://c1/m.safetensors", storage_options=options)
