@@ -351,3 +351,16 @@ def test_default_azure_credential_when_nothing_else_is_given(monkeypatch: pytest
     options = {"account_name": "acct", **{f"exclude_{other}_credential": True for other in others}}
     with pytest.raises(PermissionError, match="az://c1/m.safetensors: no Azure credential could give a token"):
         sst.load_file("az://c1/m.safetensors", storage_options=options)
+
+
+def test_a_sas_in_an_https_url_is_used_and_never_shown() -> None:
+    from stream_st.azure import azure_source
+    from stream_st.transport import ConnectionPool
+
+    pool = ConnectionPool(connect_timeout=1, read_timeout=1)
+    given = "https://acct.blob.core.windows.net/c1/dir/m.safetensors?sv=2025-01-05&sr=b&sp=r&sig=SECRETSIG"
+    source = azure_source(given, {}, pool)  # builds the request; sends nothing
+    assert source is not None
+    assert source.url == "https://acct.blob.core.windows.net/c1/dir/m.safetensors"
+    assert source.endpoint.url == given and "SECRETSIG" not in repr(source.endpoint)
+    assert azure_source(given, {"headers": {"Authorization": "Bearer x"}}, pool) is None  # the caller's own headers
