@@ -263,8 +263,18 @@ def test_wrong_account_key_and_sas_token_over_https(https_options: dict[str, Any
         assert WRONG_KEY not in str(caught.value) and "sig=" not in str(caught.value)
 
 
-def test_bearer_token_from_a_token_credential(azure_https: Any, root: Path, https_options: dict[str, Any]) -> None:
-    credential = _TokenCredential(_jwt())
+class _AsyncTokenCredential(_TokenCredential):
+    """The same as azure.identity.aio's credentials are, the kind adlfs is usually given."""
+
+    async def get_token(self, *scopes: str, **kwargs: Any) -> Any:  # type: ignore[override]
+        return super().get_token(*scopes, **kwargs)
+
+
+@pytest.mark.parametrize("kind", [_TokenCredential, _AsyncTokenCredential], ids=["sync", "async"])
+def test_bearer_token_from_a_token_credential(
+    azure_https: Any, root: Path, https_options: dict[str, Any], kind: type[_TokenCredential]
+) -> None:
+    credential = kind(_jwt())
     loaded = sst.load_file(url("layered.safetensors"), storage_options={**https_options, "credential": credential})
     assert_same(loaded, safetensors.torch.load_file(str(root / "layered.safetensors")))
     assert credential.scopes == [("https://storage.azure.com/.default",)]
