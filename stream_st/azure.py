@@ -27,7 +27,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
@@ -111,7 +111,8 @@ def parse_blob_url(url: str) -> BlobAddress | None:
         match = _ACCOUNT_HOST.fullmatch(parts.hostname or "")
         if not match or ".blob." not in (parts.hostname or "").lower():
             return None
-        account, endpoint = match.group("account"), f"{scheme}://{parts.netloc}"
+        port = f":{parts.port}" if parts.port else ""
+        account, endpoint = match.group("account"), f"{scheme}://{parts.hostname}{port}"
         container, _, blob = parts.path.lstrip("/").partition("/")
         container, blob, sas = unquote(container), unquote(blob), parts.query or None
     elif scheme in AZURE_SCHEMES:
@@ -124,8 +125,8 @@ def parse_blob_url(url: str) -> BlobAddress | None:
             if not match:
                 return None
             account = match.group("account")
-        elif _ACCOUNT_HOST.fullmatch(container):  # abfs://ACCOUNT.dfs.core.windows.net/container/blob
-            account = _ACCOUNT_HOST.fullmatch(container).group("account")  # type: ignore[union-attr]
+        elif match := _ACCOUNT_HOST.fullmatch(container):  # abfs://ACCOUNT.dfs.core.windows.net/container/blob
+            account = match.group("account")
             container, _, rest = parts.path.lstrip("/").partition("/")
             return BlobAddress(container, rest, account) if container and rest else None
         blob = parts.path.lstrip("/")
@@ -153,9 +154,10 @@ class _Auth:
 
     endpoint: str  # the account URL, e.g. https://ACCOUNT.blob.core.windows.net or Azurite's .../devstoreaccount1
     account: str
-    key: bytes | None = None  # the decoded account key: signs a SAS
-    sas: str | None = None
-    token: Any = None  # a credential with get_token (sync or async)
+    # Never in a repr (a log line or a traceback's locals must not show them).
+    key: bytes | None = field(default=None, repr=False)  # the decoded account key: signs a SAS
+    sas: str | None = field(default=None, repr=False)
+    token: Any = field(default=None, repr=False)  # a credential with get_token (sync or async)
 
 
 def service_sas(account: str, key: bytes, container: str, blob: str, expiry: str, version: str = API_VERSION) -> str:
