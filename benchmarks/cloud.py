@@ -1,14 +1,16 @@
 """Whole-process cloud load benchmark: stream_st against the usual S3 / GCS / Hub loaders on local servers.
 
     .venv/bin/python benchmarks/cloud.py [--size-gib 1.0] [--repeats 5] [--out benchmarks/out]
-        [--servers localstack s3rver gcs hub] [--repeats-for localstack=3] [--only stream_st raw ...]
+        [--servers localstack s3rver gcs hub azurite] [--repeats-for localstack=3] [--only stream_st raw ...]
 
 One invocation, servers one after another (only one runs at a time), all on 127.0.0.1:
 
 * ``localstack``: S3 on LocalStack host mode (tests/s3_server.py ``S3Server``);
 * ``s3rver``: S3 on npm ``s3rver@3.7.1``, installed with npm into OUT/s3rver (git-ignored) if missing;
 * ``gcs``: gcp-storage-emulator (tests/gcs_server.py ``GcsEmulator``, in memory);
-* ``hub``: the Hub-compatible server of tests/hub_server.py, LFS files redirected to its "CDN" server.
+* ``hub``: the Hub-compatible server of tests/hub_server.py, LFS files redirected to its "CDN" server;
+* ``azurite``: Azure Blob Storage on Azurite (tests/azure_server.py ``Azurite``, plain http, account key in a
+  connection string: stream_st signs a SAS with it; adlfs and azure-storage-blob sign SharedKey requests).
 
 For each server it uploads the Llama-like bf16 checkpoint of benchmarks/checkpoint.py (the same cached
 file run.py uses), runs every contender once untimed (checking the tensors bit for bit against
@@ -59,7 +61,9 @@ S3RVER_KEY = "S3RVER"
 BUCKET = "stream-st-bench"
 RAW_THREADS = 8
 RAW_PART = 16 << 20
-SERVERS = ("localstack", "s3rver", "gcs", "hub")
+SERVERS = ("localstack", "s3rver", "gcs", "hub", "azurite")
+AZURE_CONTAINER = "stream-st-bench"
+AZURE_CONCURRENCY = 8  # azure-storage-blob download_blob(max_concurrency=...), as the issue asks
 
 # --------------------------------------------------------------------------------------------------------
 # What each child process runs. argv of every child: SPEC_JSON LOCAL_PATH. Python contenders leave the
@@ -158,6 +162,18 @@ LOADS: dict[str, str] = {
         "    data = f.read()\n"
         "sd = safetensors.torch.load(data)"
     ),
+    "adlfs": (  # adlfs's cat_file of the whole blob, the bytes loaded by safetensors
+        "import fsspec, safetensors.torch\n"
+        "fs, path = fsspec.core.url_to_fs(URL, **SO)\n"
+        "sd = safetensors.torch.load(fs.cat_file(path))"
+    ),
+    "azure_blob": (  # azure-storage-blob's parallel download into memory, then safetensors
+        "import safetensors.torch\n"
+        "from azure.storage.blob import BlobServiceClient\n"
+        "service = BlobServiceClient.from_connection_string(SO['connection_string'])\n"
+        "blob = service.get_blob_client(SPEC['container'], SPEC['object'])\n"
+        "sd = safetensors.torch.load(blob.download_blob(max_concurrency=SPEC['concurrency']).readall())"
+    ),
     "hf_hub_download": (
         "import tempfile, safetensors.torch\n"
         "from huggingface_hub import hf_hub_download\n"
@@ -255,6 +271,25 @@ def hub_contenders() -> list[Contender]:
     ]
 
 
+def azure_contenders() -> list[Contender]:
+    return [
+        Contender("start", "python -c 'import torch, safetensors' (start-up only)", LOADS["start"], verifiable=False),
+        Contender("raw", f"raw ranged GETs: {RAW_THREADS} threads, http.client, 16 MiB, SAS URL", None),
+        Contender("stream_st", "stream_st.load_file(az://…, direct_http=True)", LOADS["stream_st"]),
+        Contender(
+            "stream_st_fsspec",
+            "stream_st.load_file(az://…, direct_http=False) (adlfs cat_file per range)",
+            LOADS["stream_st_fsspec"],
+        ),
+        Contender("adlfs", "adlfs cat_file (whole blob) + safetensors.torch.load", LOADS["adlfs"]),
+        Contender(
+            "azure_blob",
+            f"azure-storage-blob download_blob(max_concurrency={AZURE_CONCURRENCY}).readall() + safetensors.torch.load",
+            LOADS["azure_blob"],
+        ),
+    ]
+
+
 # --------------------------------------------------------------------------------------------------------
 # Runs
 
@@ -313,7 +348,7 @@ def snapshot_stream_st(ref: str, out: Path) -> tuple[Path, str]:
 
 def child_env(extra: dict[str, str]) -> dict[str, str]:
     """stream_st importable from CODE_ROOT, its defaults, loopback only, no stray cloud configuration."""
-    drop = ("AWS_", "STREAM_ST_", "HF_", "HUGGING_FACE_", "GOOGLE_", "GCSFS_", "RUNAI_")
+    drop = ("AWS_", "STREAM_ST_", "HF_", "HUGGING_FACE_", "GOOGLE_", "GCSFS_", "RUNAI_", "AZURE_")
     env = {
         k: v
         for k, v in os.environ.items()
@@ -628,7 +663,64 @@ def hub(local: Path, size: int, out: Path) -> Iterator[Target]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-SERVER_FACTORIES = {"localstack": localstack, "s3rver": s3rver, "gcs": gcs, "hub": hub}
+@contextlib.contextmanager
+def azurite(local: Path, size: int, out: Path) -> Iterator[Target]:
+    import azure_server
+
+    server = azure_server.Azurite()
+    t0 = time.perf_counter()
+    server.start()
+    try:
+        started_s = time.perf_counter() - t0
+        blob = _object_key(local)
+        t0 = time.perf_counter()
+        server.make_container(AZURE_CONTAINER)
+        client = server.service().get_blob_client(AZURE_CONTAINER, blob)
+        with local.open("rb") as body:
+            client.upload_blob(body, overwrite=True, length=size, max_concurrency=4)
+        upload_s = time.perf_counter() - t0
+        from azure.storage.blob import generate_blob_sas
+
+        expiry = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 24 * 3600))
+        sas = generate_blob_sas(
+            azure_server.ACCOUNT,
+            AZURE_CONTAINER,
+            blob,
+            account_key=azure_server.ACCOUNT_KEY,
+            permission="r",
+            expiry=expiry,
+        )
+        spec = {
+            "url": f"az://{AZURE_CONTAINER}/{blob}",
+            "storage_options": server.storage_options,
+            "raw_url": f"{server.blob_endpoint}/{AZURE_CONTAINER}/{blob}?{sas}",
+            "size": size,
+            "raw_part": RAW_PART,
+            "raw_threads": RAW_THREADS,
+            "container": AZURE_CONTAINER,
+            "object": blob,
+            "concurrency": AZURE_CONCURRENCY,
+        }
+        yield Target(
+            "azurite",
+            f"Azurite {_azurite_version()} (Blob service, on disk) at {server.blob_endpoint}",
+            spec,
+            azure_contenders(),
+            notes=[
+                f"Azurite started in {started_s:.1f} s",
+                f"upload (Put Block + Put Block List) took {upload_s:.1f} s",
+            ],
+        )
+    finally:
+        server.stop()
+
+
+def _azurite_version() -> str:
+    package = REPO / "azurite" / "node_modules" / "azurite" / "package.json"
+    return str(json.loads(package.read_text()).get("version")) if package.exists() else "?"
+
+
+SERVER_FACTORIES = {"localstack": localstack, "s3rver": s3rver, "gcs": gcs, "hub": hub, "azurite": azurite}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -690,6 +782,14 @@ def ratios(name: str, rows: list[dict[str, Any]]) -> list[str]:
     start, raw = get_row(rows, "start"), get_row(rows, "raw")
     ours, fs_path, runai = get_row(rows, "stream_st"), get_row(rows, "stream_st_fsspec"), get_row(rows, "runai")
     s3 = name in ("localstack", "s3rver")
+    for key in ("adlfs", "azure_blob"):
+        other = get_row(rows, key)
+        if ours and other:
+            ratio = ours["median_s"] / other["median_s"]
+            lines.append(
+                f"- stream_st ÷ {key} = {ours['median_s']:.2f} / {other['median_s']:.2f} = **{ratio:.2f}×** "
+                f"(target < 1: {'met' if ratio < 1 else 'NOT met'})"
+            )
     if start and raw:
         floor = start["median_s"] + raw["median_s"]
         lines.append(
@@ -746,7 +846,7 @@ def markdown(
     args: Any,
 ) -> str:
     parts = [
-        "# stream_st cloud load benchmark (S3, GCS, Hub on local servers)",
+        "# stream_st cloud load benchmark (S3, GCS, Hub, Azure on local servers)",
         "",
         f"Checkpoint `{local.name}`: {header.file_bytes:,} B ({header.file_bytes / (1 << 30):.3f} GiB), "
         f"{len(header.spans)} bf16 tensors. Every server on 127.0.0.1, one at a time. Each contender is a fresh "
@@ -806,7 +906,8 @@ def probe(env: dict[str, str], out: Path) -> dict[str, Any]:
 import json, importlib.metadata as md, platform
 out = {"python": platform.python_version()}
 for dist in ("torch", "safetensors", "fsspec", "s3fs", "aiobotocore", "boto3", "botocore", "gcsfs",
-             "huggingface_hub", "runai-model-streamer", "runai-model-streamer-s3", "gcp-storage-emulator", "aiohttp"):
+             "huggingface_hub", "runai-model-streamer", "runai-model-streamer-s3", "gcp-storage-emulator", "aiohttp",
+             "adlfs", "azure-storage-blob", "azure-core"):
     try: out[dist] = md.version(dist)
     except Exception as e: out[dist] = f"missing ({e})"
 try:

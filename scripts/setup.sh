@@ -15,6 +15,16 @@ if [ "${STREAM_ST_SETUP_SERVERS:-1}" = 0 ]; then
 fi
 # LocalStack (the S3 server of the tests) lives in its own venv on Python >= 3.12: localstack/README.md.
 bash localstack/install.sh || echo "setup: LocalStack could not be installed; S3 tests will be skipped" >&2
+# Azurite (the Azure Blob server of the tests) is an npm package, installed into azurite/ (azurite/README.md);
+# node and npm come from apt when missing and we are root, as nginx below.
+if ! command -v npm >/dev/null 2>&1 || ! command -v node >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq >/dev/null && apt-get install -y -qq nodejs npm >/dev/null || echo "setup: could not install node and npm" >&2
+    else
+        echo "setup: node/npm are not installed; the Azure tests will be skipped (sudo apt-get install nodejs npm)" >&2
+    fi
+fi
+bash azurite/install.sh || echo "setup: Azurite could not be installed; Azure tests will be skipped" >&2
 # nginx is one of the real HTTP servers the tests use (Debian package; skipped quietly where apt is absent).
 if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ] && command -v apt-get >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ]; then

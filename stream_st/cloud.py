@@ -3,7 +3,8 @@ authenticated HTTPS request, and stream_st's threaded ``readinto`` transport mov
 
 Credential logic stays in s3fs/botocore, gcsfs/google-auth and huggingface_hub: we only ask them for a
 presigned URL (S3: botocore alone when the options are plain botocore ones, else s3fs's client), a bearer
-token for the JSON API media URL (GCS), or the resolve URL and token (Hub).
+token for the JSON API media URL (GCS), or the resolve URL and token (Hub). Azure Blob Storage
+(azure.py) finds credentials as adlfs does and signs a SAS itself or takes an Entra ID token.
 Every range also carries ``If-Match`` with the ETag the header read saw (transport.py).
 """
 
@@ -333,23 +334,35 @@ _BUILDERS: Mapping[str, Callable[[str, Any, str, ConnectionPool], SignedSource]]
 }
 
 
+def _azure(url: str, options: Mapping[str, Any], pool: ConnectionPool) -> SignedSource | None:
+    """az://, abfs[s]:// and https://ACCOUNT.blob.core.windows.net/... (azure.py); None: adlfs or plain HTTP."""
+    from .azure import azure_source
+
+    return azure_source(url, options, pool)
+
+
 # Sources built without the protocol's fsspec filesystem when the options allow (None: they do not).
 _WITHOUT_FSSPEC: Mapping[str, Callable[[str, Mapping[str, Any], ConnectionPool], SignedSource | None]] = {
     "s3": _s3_by_botocore,
     "s3a": _s3_by_botocore,
     "hf": _hub_direct,
+    "az": _azure,
+    "abfs": _azure,
+    "abfss": _azure,
+    "http": _azure,
+    "https": _azure,
 }
 
 
 def cloud_source(url: str, scheme: str, options: Mapping[str, Any], pool: ConnectionPool) -> SignedSource | None:
     """The fast-path source for ``url``, or None if its scheme has none."""
-    builder = _BUILDERS.get(scheme)
-    if builder is None:
-        return None
     fast = _WITHOUT_FSSPEC.get(scheme)
     direct = fast(url, options, pool) if fast is not None else None
     if direct is not None:
         return direct
+    builder = _BUILDERS.get(scheme)
+    if builder is None:
+        return None
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(url, **options)

@@ -248,6 +248,12 @@ def open_source(
     options = dict(storage_options or {})
     scheme = urlsplit(url).scheme.lower() if "://" in url else ""
     if scheme in ("http", "https"):
+        if direct and ".blob." in url.split("/", 3)[2]:  # https://ACCOUNT.blob.core.windows.net/...: signed
+            from .cloud import cloud_source
+
+            azure = cloud_source(url, scheme, options, pool)
+            if azure is not None:
+                return azure
         headers = dict(options.get("headers") or {})
         headers.update((options.get("client_kwargs") or {}).get("headers") or {})
         return HttpSource(url, pool, headers)

@@ -115,6 +115,41 @@ def gcs(root: Path) -> Iterator[object]:
         emulator.stop()
 
 
+def _azurite(root: Path, https: bool, certs: Path | None = None) -> object:
+    from azure_server import Azurite, azurite_available
+
+    available, reason = azurite_available()
+    if not available:
+        if _require("azure"):
+            pytest.fail(f"Azure tests are required (STREAM_ST_REQUIRE_AZURE=1) but Azurite cannot run: {reason}")
+        pytest.skip(f"no Azurite: {reason}")
+    server = Azurite(https=https, certs=certs).start()
+    try:
+        server.make_container("stream-st-test")
+        for path in [*root.glob("*.safetensors"), *(root / "sharded").iterdir()]:
+            server.upload("stream-st-test", f"checkpoints/{path.relative_to(root)}", path.read_bytes())
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+@pytest.fixture(scope="session")
+def azure(root: Path) -> Iterator[object]:
+    """Azurite (plain http) on 127.0.0.1 with the test checkpoints in container ``stream-st-test``."""
+    server = _azurite(root, https=False)
+    yield server
+    server.stop()  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="session")
+def azure_https(root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """Azurite over https (self-signed certificate, bearer tokens accepted) with the test checkpoints."""
+    server = _azurite(root, https=True, certs=tmp_path_factory.mktemp("azurite-certs"))
+    yield server
+    server.stop()  # type: ignore[attr-defined]
+
+
 @pytest.fixture(scope="session")
 def hub(root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """A Hub-compatible endpoint (and its CDN) on 127.0.0.1 serving the test checkpoints as repos."""
