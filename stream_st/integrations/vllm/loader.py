@@ -1,0 +1,112 @@
+"""The vLLM model loader behind ``load_format="stream_st"`` (imported only where vLLM is installed)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from vllm.config import ModelConfig, VllmConfig
+from vllm.config.load import LoadConfig
+from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+from ...api import iter_tensors
+from ...config import Config
+from ...errors import ConfigError
+from . import _start_early
+
+# Keys of ``model_loader_extra_config`` that are not stream_st options.
+URL_KEY = "url"
+STORAGE_OPTIONS_ENV_KEY = "storage_options_env"
+# stream_st options of iter_tensors besides Config's fields.
+CALL_OPTIONS = frozenset({"storage_options", "verify", "progress"})
+
+
+def loader_options(extra: Mapping[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """The URL and the stream_st options in ``model_loader_extra_config``; unknown keys raise ConfigError."""
+    options = {key: value for key, value in extra.items() if key not in (URL_KEY, STORAGE_OPTIONS_ENV_KEY)}
+    known = CALL_OPTIONS | set(Config.__dataclass_fields__)
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(
+            f"model_loader_extra_config: unknown stream_st option(s) {', '.join(unknown)}; "
+            f"valid: {URL_KEY}, {STORAGE_OPTIONS_ENV_KEY}, {', '.join(sorted(known))}"
+        )
+    variable = extra.get(STORAGE_OPTIONS_ENV_KEY)
+    if variable:
+        # Credentials kept out of the engine arguments, which vLLM logs: JSON in an environment variable.
+        raw = os.environ.get(str(variable))
+        if raw is None:
+            raise ConfigError(f"model_loader_extra_config: {STORAGE_OPTIONS_ENV_KEY} names {variable}, which is unset")
+        try:
+            from_env = json.loads(raw)
+        except ValueError:
+            raise ConfigError(f"{variable}: not a JSON object of storage options") from None
+        if not isinstance(from_env, dict):
+            raise ConfigError(f"{variable}: not a JSON object of storage options")
+        options["storage_options"] = {**from_env, **(options.get("storage_options") or {})}
+    options.setdefault("progress", False)  # vLLM shows its own; a bar per rank would garble the log
+    url = extra.get(URL_KEY)
+    return (str(url) if url else None), options
+
+
+class StreamSTModelLoader(BaseModelLoader):  # type: ignore[misc]  # vLLM is untyped for mypy here
+    """Streams the weights from ``model_loader_extra_config["url"]`` into the model's ``load_weights``.
+
+    With tensor parallelism the ranks of a tensor-parallel group split the download and exchange the bytes
+    over the group (stream_st's ``process_group=``), so storage serves each byte once per group; every rank
+    then hands the whole tensors to ``load_weights``, whose weight loaders keep each rank's slice.
+    """
+
+    def __init__(self, load_config: LoadConfig) -> None:
+        super().__init__(load_config)
+        self.url, self.options = loader_options(load_config.model_loader_extra_config or {})
+
+    def weights_url(self, model_config: ModelConfig) -> str:
+        """The extra config's URL; a URL given as the model (as ``reload_weights(weights_path=URL)`` does)
+        takes precedence."""
+        for candidate in (model_config.model_weights, model_config.model):
+            if candidate and "://" in str(candidate):
+                return str(candidate)
+        if not self.url:
+            raise ConfigError(
+                'load_format="stream_st" needs the checkpoint URL: model_loader_extra_config={"url": "s3://..."}'
+            )
+        return self.url
+
+    def download_model(self, model_config: ModelConfig) -> None:
+        """Nothing to download ahead: the weights stream during ``load_weights``."""
+
+    def load_model(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = "") -> torch.nn.Module:
+        """vLLM's ``load_model``, with the transfer started before the model is built where it can be."""
+        if _process_group() is None:  # ranks that split the load fetch their part inside the collective
+            _start_early(self.weights_url(model_config), self.options)
+        model: torch.nn.Module = super().load_model(vllm_config, model_config, prefix)
+        return model
+
+    def get_all_weights(self, model_config: ModelConfig, model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, tensor)`` in file order, shards in order, memory bounded by ``max_inflight_bytes``."""
+        unused = getattr(model, "is_unused_checkpoint_weight", None)
+        selection = None if unused is None else (lambda name: not unused(name))
+        yield from iter_tensors(
+            self.weights_url(model_config), "cpu", tensors=selection, process_group=_process_group(), **self.options
+        )
+
+    def load_weights(self, model: torch.nn.Module, model_config: ModelConfig) -> None:
+        loaded = model.load_weights(self.get_all_weights(model_config, model))
+        if loaded is not None and model_config.quantization is None:
+            # The check vLLM's own safetensors loader runs: every parameter came from the checkpoint.
+            DefaultModelLoader.track_weights_loading(self, model, loaded)
+
+
+def _process_group() -> Any:
+    """vLLM's tensor-parallel group (its gloo side) when it has more than one rank, else None."""
+    from vllm.distributed import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return None
+    group = parallel_state.get_tp_group()
+    return group.cpu_group if group.world_size > 1 else None
