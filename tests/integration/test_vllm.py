@@ -11,15 +11,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from tiny_llama import save_tiny_llama
 
 from servers import Nginx, RangeServer, Request
-from tiny_llama import save_tiny_llama
 
 REPO = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
@@ -76,7 +75,9 @@ def run_vllm(python: Path, plan: dict[str, Any], workdir: Path, env: dict[str, s
         text=True,
         timeout=540,
     )
-    assert result_path.exists(), f"the vLLM driver wrote no result (exit {completed.returncode}):\n{completed.stdout[-6000:]}"
+    assert result_path.exists(), (
+        f"the vLLM driver wrote no result (exit {completed.returncode}):\n{completed.stdout[-6000:]}"
+    )
     result: dict[str, Any] = json.loads(result_path.read_text())
     result["log"] = completed.stdout
     return result

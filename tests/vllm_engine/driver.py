@@ -29,7 +29,8 @@ def describe(exc: BaseException) -> dict[str, Any]:
 
 
 def main(plan_path: str, result_path: str) -> None:
-    plan = json.loads(open(plan_path).read())
+    with open(plan_path) as handle:
+        plan = json.load(handle)
     result: dict[str, Any] = {}
     try:
         import vllm

@@ -67,8 +67,10 @@ STORAGE_OPTIONS_ENV = "STREAM_ST_VLLM_STORAGE_OPTIONS"
 
 def register() -> None:
     """Register ``load_format="stream_st"`` with vLLM (the ``vllm.general_plugins`` entry point; idempotent)."""
-    from vllm.model_executor.model_loader import get_model_loader  # noqa: F401  (vLLM's registry, loaded first)
-    from vllm.model_executor.model_loader import register_model_loader
+    from vllm.model_executor.model_loader import (
+        get_model_loader,  # noqa: F401  (vLLM's registry, loaded first)
+        register_model_loader,
+    )
 
     from . import loader
 

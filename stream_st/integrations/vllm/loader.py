@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -89,14 +89,15 @@ class StreamSTModelLoader(BaseModelLoader):  # type: ignore[misc]  # vLLM is unt
 
     def get_all_weights(self, model_config: ModelConfig, model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         """``(name, tensor)`` in file order, shards in order, memory bounded by ``max_inflight_bytes``."""
-        unused = getattr(model, "is_unused_checkpoint_weight", None)
-        selection = None if unused is None else (lambda name: not unused(name))
+        unused: Callable[[str], bool] | None = getattr(model, "is_unused_checkpoint_weight", None)
+        selection = None if unused is None else (lambda name: not unused(name))  # unused tensors are not fetched
         yield from iter_tensors(
             self.weights_url(model_config), "cpu", tensors=selection, process_group=_process_group(), **self.options
         )
 
     def load_weights(self, model: torch.nn.Module, model_config: ModelConfig) -> None:
-        loaded = model.load_weights(self.get_all_weights(model_config, model))
+        vllm_model: Any = model  # vLLM's models define load_weights; nn.Module's typing does not know it
+        loaded = vllm_model.load_weights(self.get_all_weights(model_config, model))
         if loaded is not None and model_config.quantization is None:
             # The check vLLM's own safetensors loader runs: every parameter came from the checkpoint.
             DefaultModelLoader.track_weights_loading(self, model, loaded)
