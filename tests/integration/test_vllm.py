@@ -239,3 +239,53 @@ def test_vllm_tensor_parallel_ranks_split_the_download(
         position = max(position, end)
     assert position >= size
     assert sum(r.sent for r in served) <= size + 4096  # one copy of the weights, two of the header prefix
+
+
+# Without vLLM: the small-file copy and the options (pure stream_st code, run in the main venv).
+
+
+def _model_file_names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.suffix != ".safetensors" and not p.name.endswith(".index.json"))
+
+
+def test_fetch_model_files_from_every_store(
+    models: Path, model_nginx: Nginx, s3: Any, hub: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stream_st.integrations.vllm import fetch_model_files
+
+    for path in (models / "a_sharded").iterdir():
+        s3.upload(s3.bucket, f"vllm-files/a_sharded/{path.name}", path)
+    hub.commit("org/tiny-llama-files", {p.name: p for p in (models / "a_sharded").iterdir()})
+    expected = _model_file_names(models / "a_sharded")
+    sources = {
+        "http": (model_nginx.url("a_sharded/model.safetensors.index.json"), None),
+        "s3": (s3.url(s3.bucket, "vllm-files/a_sharded/"), s3.storage_options),
+        "hub": ("hf://org/tiny-llama-files", hub.storage_options()),
+        "local": (str(models / "a_sharded"), None),
+    }
+    for name, (url, options) in sources.items():
+        folder = fetch_model_files(url, tmp_path / name, storage_options=options)
+        assert sorted(p.name for p in folder.iterdir()) == expected, name
+        for file in expected:
+            assert (folder / file).read_bytes() == (models / "a_sharded" / file).read_bytes(), (name, file)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    default = fetch_model_files(model_nginx.url("a"))
+    assert default.is_relative_to(tmp_path / "cache" / "stream_st" / "vllm")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        fetch_model_files(model_nginx.url("missing"), tmp_path / "none")
+
+
+def test_loader_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stream_st import ConfigError
+    from stream_st.integrations.vllm import loader_options
+
+    url, options = loader_options({"url": "s3://b/m/", "max_concurrency": 4, "verify": True})
+    assert url == "s3://b/m/" and options == {"max_concurrency": 4, "verify": True, "progress": False}
+    with pytest.raises(ConfigError, match="max_concurency"):
+        loader_options({"url": "s3://b/m/", "max_concurency": 4})
+    monkeypatch.setenv("CREDS", json.dumps({"key": "k", "secret": "s"}))
+    extra = {"url": "s3://b/m/", "storage_options_env": "CREDS", "storage_options": {"anon": False}}
+    _, options = loader_options(extra)
+    assert options["storage_options"] == {"key": "k", "secret": "s", "anon": False}
+    with pytest.raises(ConfigError, match="UNSET_VARIABLE"):
+        loader_options({"url": "s3://b/m/", "storage_options_env": "UNSET_VARIABLE"})

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 from ..._loop import gather_or_cancel, run_sync
 from ...config import Config, resolve
+from ...errors import ConfigError
 from ...fetch import Engine
 from ...remote import read_whole
 from ...transport import redact
@@ -204,6 +205,41 @@ def llm(
     return vllm.LLM(model=str(model_folder), load_format=LOAD_FORMAT, model_loader_extra_config=extra, **engine_kwargs)
 
 
+# Keys of ``model_loader_extra_config`` that are not stream_st options.
+URL_KEY = "url"
+STORAGE_OPTIONS_ENV_KEY = "storage_options_env"
+# stream_st options of iter_tensors besides Config's fields.
+CALL_OPTIONS = frozenset({"storage_options", "verify", "progress"})
+
+
+def loader_options(extra: Mapping[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """The URL and the stream_st options in ``model_loader_extra_config``; unknown keys raise ConfigError."""
+    options = {key: value for key, value in extra.items() if key not in (URL_KEY, STORAGE_OPTIONS_ENV_KEY)}
+    known = CALL_OPTIONS | set(Config.__dataclass_fields__)
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(
+            f"model_loader_extra_config: unknown stream_st option(s) {', '.join(unknown)}; "
+            f"valid: {URL_KEY}, {STORAGE_OPTIONS_ENV_KEY}, {', '.join(sorted(known))}"
+        )
+    variable = extra.get(STORAGE_OPTIONS_ENV_KEY)
+    if variable:
+        # Credentials kept out of the engine arguments, which vLLM logs: JSON in an environment variable.
+        raw = os.environ.get(str(variable))
+        if raw is None:
+            raise ConfigError(f"model_loader_extra_config: {STORAGE_OPTIONS_ENV_KEY} names {variable}, which is unset")
+        try:
+            from_env = json.loads(raw)
+        except ValueError:
+            raise ConfigError(f"{variable}: not a JSON object of storage options") from None
+        if not isinstance(from_env, dict):
+            raise ConfigError(f"{variable}: not a JSON object of storage options")
+        options["storage_options"] = {**from_env, **(options.get("storage_options") or {})}
+    options.setdefault("progress", False)  # vLLM shows its own; a bar per rank would garble the log
+    url = extra.get(URL_KEY)
+    return (str(url) if url else None), options
+
+
 def _start_early(url: str, options: Mapping[str, Any]) -> Any:
     """Start moving the weights into host memory now, while vLLM builds the model, where this stream_st
     has ``prefetch``; the load that follows in this process then takes those bytes. Otherwise nothing."""
@@ -217,4 +253,4 @@ def _start_early(url: str, options: Mapping[str, Any]) -> Any:
     return None
 
 
-__all__ = ["LOAD_FORMAT", "fetch_model_files", "llm", "register"]
+__all__ = ["LOAD_FORMAT", "fetch_model_files", "llm", "loader_options", "register"]

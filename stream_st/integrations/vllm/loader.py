@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -14,43 +12,8 @@ from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
 from ...api import iter_tensors
-from ...config import Config
 from ...errors import ConfigError
-from . import _start_early
-
-# Keys of ``model_loader_extra_config`` that are not stream_st options.
-URL_KEY = "url"
-STORAGE_OPTIONS_ENV_KEY = "storage_options_env"
-# stream_st options of iter_tensors besides Config's fields.
-CALL_OPTIONS = frozenset({"storage_options", "verify", "progress"})
-
-
-def loader_options(extra: Mapping[str, Any]) -> tuple[str | None, dict[str, Any]]:
-    """The URL and the stream_st options in ``model_loader_extra_config``; unknown keys raise ConfigError."""
-    options = {key: value for key, value in extra.items() if key not in (URL_KEY, STORAGE_OPTIONS_ENV_KEY)}
-    known = CALL_OPTIONS | set(Config.__dataclass_fields__)
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ConfigError(
-            f"model_loader_extra_config: unknown stream_st option(s) {', '.join(unknown)}; "
-            f"valid: {URL_KEY}, {STORAGE_OPTIONS_ENV_KEY}, {', '.join(sorted(known))}"
-        )
-    variable = extra.get(STORAGE_OPTIONS_ENV_KEY)
-    if variable:
-        # Credentials kept out of the engine arguments, which vLLM logs: JSON in an environment variable.
-        raw = os.environ.get(str(variable))
-        if raw is None:
-            raise ConfigError(f"model_loader_extra_config: {STORAGE_OPTIONS_ENV_KEY} names {variable}, which is unset")
-        try:
-            from_env = json.loads(raw)
-        except ValueError:
-            raise ConfigError(f"{variable}: not a JSON object of storage options") from None
-        if not isinstance(from_env, dict):
-            raise ConfigError(f"{variable}: not a JSON object of storage options")
-        options["storage_options"] = {**from_env, **(options.get("storage_options") or {})}
-    options.setdefault("progress", False)  # vLLM shows its own; a bar per rank would garble the log
-    url = extra.get(URL_KEY)
-    return (str(url) if url else None), options
+from . import _start_early, loader_options
 
 
 class StreamSTModelLoader(BaseModelLoader):  # type: ignore[misc]  # vLLM is untyped for mypy here
