@@ -82,7 +82,8 @@ class Prefetch:
         self._lock = threading.Lock()
         self._room: asyncio.Event | None = None
         self._loop = get_loop()
-        self._files: list[_File] = []
+        self._files: list[_File] = []  # while the transfer runs (their futures keep the memory alive)
+        self._held: list[held.HeldFile] = []  # until cancelled: what loads may still take
         self._finished = threading.Event()
         self._error: BaseException | None = None
         _watch_exit(self)
@@ -107,8 +108,8 @@ class Prefetch:
         """Stop the transfer and free every byte no load has taken (a load taking some keeps those).
         Waits until the worker threads have stopped, unless called from stream_st's own IO loop."""
         self._task.cancel()
-        for file in self._files:
-            file.held.drop()
+        for held_file in self._held:
+            held_file.drop()
         if not on_loop_thread():
             self._finished.wait(_EXIT_WAIT_S * 5)
 
@@ -158,7 +159,8 @@ class Prefetch:
                 )
                 entries = [_Entry(file.info(name), held_file.hold(name, file.info(name).nbytes)) for name in names]
                 self._files.append(_File(file, held_file, entries))
-            held.register(self._key, (f.held for f in self._files))
+            self._held = [f.held for f in self._files]
+            held.register(self._key, self._held)
             self._resolved.set()
             await self._stream(engine)
         except asyncio.CancelledError:
@@ -177,6 +179,7 @@ class Prefetch:
             engine.close()
             with _exit_hook:
                 _running.discard(self)
+            self._files = []  # every future is settled: memory is now held only where a load or the registry keeps it
             self._finished.set()
 
     def _settle_all(self, error: BaseException) -> None:

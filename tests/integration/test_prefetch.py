@@ -323,3 +323,26 @@ def _no_prefetch_left() -> Iterator[None]:
     from stream_st import held
 
     assert not held._files, "a test left a prefetch registered"
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+
+
+def test_cancel_frees_what_no_load_took(http: RangeServer, root: Path) -> None:
+    import gc
+
+    path = write(root / "big-prefetch.safetensors", layered_state(layers=8, width=1024))  # ~54 MiB
+    try:
+        before = _rss_mib()
+        early = sst.prefetch(http.url(path.name))
+        early.wait(60)
+        held_mib = _rss_mib() - before
+        assert held_mib > 40  # the bytes are in this process's memory
+        early.cancel()  # the handle stays referenced, as after a ``with`` block: its memory must not
+        gc.collect()
+        assert _rss_mib() - before < held_mib / 4
+        assert early.done()
+    finally:
+        path.unlink()

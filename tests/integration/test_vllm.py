@@ -97,8 +97,11 @@ def reference(vllm_python: Path, models: Path, tmp_path_factory: pytest.TempPath
     return tokens
 
 
-def served_once(requests: list[Request], path: str, size: int) -> None:
-    """The ranges served for ``path`` cover its ``size`` bytes exactly once."""
+def served_once(requests: list[Request], path: str, local: Path) -> None:
+    """The ranges served for ``path`` cover the file's bytes exactly once, except its header: a load that
+    takes a prefetch's bytes re-reads exactly the header to check the object's version."""
+    size = local.stat().st_size
+    header_end = 8 + int.from_bytes(local.read_bytes()[:8], "little")
     spans = []
     for request in requests:
         if request.path != path:
@@ -108,10 +111,13 @@ def served_once(requests: list[Request], path: str, size: int) -> None:
         spans.append((int(start), min(int(end) + 1, size), request.sent))
     spans.sort()
     assert spans, f"{path} was not read"
+    from_start = [span for span in spans if span[0] == 0]
+    if len(from_start) > 1 and from_start[0][1] == header_end:
+        spans.remove(from_start[0])  # the version check's header read, besides the prefetch's own first read
     position = 0
     for start, end, sent in spans:
-        assert start == position, f"{path}: bytes {position}-{start} skipped or read twice: {spans}"
         assert sent == end - start
+        assert start == position, f"{path}: bytes {position}-{start} skipped or read twice: {spans}"
         position = end
     assert position == size, f"{path}: {position} of {size} bytes read"
 
@@ -190,9 +196,9 @@ def test_vllm_loads_from_every_store_as_its_safetensors_loader_does(
     # Every weight byte was served once.
     requests = model_nginx.requests()
     for name in ["a/model.safetensors", "b/model.safetensors"]:
-        served_once(requests, f"/{name}", (models / name).stat().st_size)
+        served_once(requests, f"/{name}", models / name)
     for shard in sorted((models / "a_sharded").glob("*.safetensors")):
-        served_once(requests, f"/a_sharded/{shard.name}", shard.stat().st_size)
+        served_once(requests, f"/a_sharded/{shard.name}", shard)
     cdn = [r for r in hub.cdn_log if r.method == "GET"]
     assert sum(r.sent for r in cdn) == (models / "a" / "model.safetensors").stat().st_size
 

@@ -241,15 +241,14 @@ def loader_options(extra: Mapping[str, Any]) -> tuple[str | None, dict[str, Any]
 
 
 def _start_early(url: str, options: Mapping[str, Any]) -> Any:
-    """Start moving the weights into host memory now, while vLLM builds the model, where this stream_st
-    has ``prefetch``; the load that follows in this process then takes those bytes. Otherwise nothing."""
+    """Start moving the weights into host memory now (``stream_st.prefetch``), while vLLM builds the model;
+    the load that follows in this process takes those bytes. Returns the prefetch, or None if it could not
+    start (the load then reports whatever is wrong)."""
     import stream_st
 
-    prefetch = getattr(stream_st, "prefetch", None)
-    if prefetch is None:
-        return None
+    fetch_options = {key: value for key, value in options.items() if key in Config.__dataclass_fields__}
     with contextlib.suppress(Exception):  # an early start is an optimisation: the load reports any error
-        return prefetch(url, **options)
+        return stream_st.prefetch(url, storage_options=options.get("storage_options"), **fetch_options)
     return None
 
 

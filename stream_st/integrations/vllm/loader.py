@@ -45,9 +45,14 @@ class StreamSTModelLoader(BaseModelLoader):  # type: ignore[misc]  # vLLM is unt
 
     def load_model(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = "") -> torch.nn.Module:
         """vLLM's ``load_model``, with the transfer started before the model is built where it can be."""
+        early = None
         if _process_group() is None:  # ranks that split the load fetch their part inside the collective
-            _start_early(self.weights_url(model_config), self.options)
-        model: torch.nn.Module = super().load_model(vllm_config, model_config, prefix)
+            early = _start_early(self.weights_url(model_config), self.options)
+        try:
+            model: torch.nn.Module = super().load_model(vllm_config, model_config, prefix)
+        finally:
+            if early is not None:
+                early.cancel()  # frees what the load did not take (weights the model declares unused)
         return model
 
     def get_all_weights(self, model_config: ModelConfig, model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
