@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
+from . import errors
 from ._loop import gather_or_cancel
-from .errors import FetchError, IntegrityError, ObjectChangedError, StreamSTError
+from .errors import FetchError, ObjectChangedError, StreamSTError
 from .gpu import use_device
 from .header import TensorInfo
 from .parallel import RegionOf, load_raw, whole
@@ -123,7 +124,7 @@ class Fetched:
     ``error`` (not raised): the ranks share their errors first, so that none waits on a failed one."""
 
     plan: dict[str, list[Share]]
-    error: str | None = None
+    error: Failure | None = None
     pieces: dict[str, OutputTensor] = field(default_factory=dict)  # this rank's share
     sliced: dict[str, OutputTensor] = field(default_factory=dict)  # its own tensor-parallel slices
     receive: dict[str, OutputTensor] = field(default_factory=dict)  # whole tensors it asked for, to receive into
@@ -151,7 +152,7 @@ class SplitLoad:
 
     async def agree(self, selection: Selection, region_of: RegionOf = whole) -> None:
         """Learn what every rank asked for, and check that all ranks will make the same collective calls."""
-        error: str | None = None
+        error: Failure | None = None
         mine: list[str] = []
         try:
             self._check_backend()
@@ -253,7 +254,7 @@ class SplitLoad:
                 out = await self._exchange(file.info(name), fetched.plan[name], piece, into)
                 if out is not None:
                     received[name] = out
-        error: str | None = None
+        error: Failure | None = None
         finished: dict[str, torch.Tensor] = {}
         try:
             if self.verify:
@@ -268,9 +269,7 @@ class SplitLoad:
             )
         except Exception as exc:
             error = _describe(exc)
-        errors = await self.ranks.all_gather(error)
-        integrity = any(e and e.startswith(f"{IntegrityError.__name__}:") for e in errors)
-        self._raise_if_failed(errors, IntegrityError if integrity else FetchError)
+        self._raise_if_failed(await self.ranks.all_gather(error))
         return finished
 
     async def _exchange(
@@ -317,12 +316,14 @@ class SplitLoad:
             detail = "; ".join(f"rank {r}: {v}" for r, v in enumerate(values))
             raise ValueError(f"{self.checkpoint.url}: the ranks differ in {what} ({detail}); they must agree")
 
-    def _raise_if_failed(self, errors: list[str | None], error: type[StreamSTError] = FetchError) -> None:
-        failed = [(r, e) for r, e in enumerate(errors) if e]
+    def _raise_if_failed(self, errors: list[Failure | None]) -> None:
+        """Raise on every rank if any failed: the first failed rank's error, of its own class and fields
+        (a ``TensorNotFoundError`` stays one), its message naming every failed rank."""
+        failed = [(rank, failure) for rank, failure in enumerate(errors) if failure is not None]
         if failed:
             url = self.checkpoint.url
-            detail = "; ".join(f"rank {r}: {e}" for r, e in failed)
-            raise error(f"{url}: the distributed load failed on {len(failed)} rank(s) ({detail})", url=url)
+            detail = "; ".join(f"rank {rank}: {failure}" for rank, failure in failed)
+            raise failed[0][1].rebuild(f"{url}: the distributed load failed on {len(failed)} rank(s) ({detail})")
 
 
 def _fingerprint(file: RemoteFile) -> tuple[int, str, str | None]:
@@ -343,8 +344,39 @@ def _region(share: Share) -> Region | None:
     return None if share.whole else Region(0, share.start, share.stop)
 
 
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
+# Builtins a rank's failure keeps across ranks (others become FetchError); stream_st's errors keep their class.
+_BUILTINS: dict[str, type[Exception]] = {
+    cls.__name__: cls for cls in (FileNotFoundError, PermissionError, IsADirectoryError, TimeoutError, ValueError)
+}
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A rank's error as the ranks exchange it (picklable, whatever the exception held): its class, its
+    message and stream_st's fields, so that every rank raises the same class."""
+
+    kind: str
+    message: str
+    url: str | None = None
+    tensor: str | None = None
+    start: int | None = None
+    end: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.message}"
+
+    def rebuild(self, message: str) -> Exception:
+        cls = getattr(errors, self.kind, None)
+        if isinstance(cls, type) and issubclass(cls, StreamSTError):
+            return cls(message, url=self.url or None, tensor=self.tensor, start=self.start, end=self.end)
+        builtin = _BUILTINS.get(self.kind)
+        return builtin(message) if builtin is not None else FetchError(message, url=self.url)
+
+
+def _describe(exc: BaseException) -> Failure:
+    if isinstance(exc, StreamSTError):
+        return Failure(type(exc).__name__, str(exc), exc.url, exc.tensor, exc.start, exc.end)
+    return Failure(type(exc).__name__, str(exc))
 
 
 def _transfer(buffer: torch.Tensor, source: int, receivers: list[int], rank: int, world: int, group: Any) -> None:

@@ -120,6 +120,8 @@ def test_a_failing_rank_makes_every_rank_raise(http: RangeServer, tmp_path: Path
     results = run_world(2, job, tmp_path, timeout=60)
     for result in results:
         assert not result["ok"]
+        # Every rank raises the failed rank's own class (a KeyError for code that catches one), not a FetchError.
+        assert result["error"].startswith("TensorNotFoundError: "), result["error"]
         assert "the distributed load failed on 1 rank(s) (rank 1: TensorNotFoundError" in result["error"]
 
 
@@ -305,6 +307,7 @@ def test_a_rank_failing_to_open_the_checkpoint_makes_every_rank_raise(http: Rang
     results = run_world(2, job, tmp_path, timeout=60)
     assert results[1]["error"].startswith("FileNotFoundError: ")
     assert not results[0]["ok"]
+    assert results[0]["error"].startswith("FileNotFoundError: "), results[0]["error"]
     assert "the distributed load failed on 1 rank(s) (rank 1: FileNotFoundError" in results[0]["error"]
 
 
