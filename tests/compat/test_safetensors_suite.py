@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 import upstream
 
 pytestmark = [pytest.mark.compat, pytest.mark.timeout(600)]
@@ -189,7 +188,7 @@ def upstream_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
     folder = cache.mkdir("safetensors-suite") if cache is not None else tmp_path_factory.mktemp("st-suite")
     try:
         suite = upstream.suite(Path(folder))
-    except upstream.Unavailable as error:
+    except upstream.UnavailableError as error:
         if os.environ.get("STREAM_ST_REQUIRE_COMPAT") == "1":
             pytest.fail(f"safetensors' test suite is required (STREAM_ST_REQUIRE_COMPAT=1) but: {error}")
         pytest.skip(f"safetensors' test suite cannot be fetched (offline?): {error}")

@@ -27,7 +27,7 @@ SDIST_ENV = "STREAM_ST_SAFETENSORS_SDIST"
 DEFAULT_INDEX = "https://pypi.org/simple"
 
 
-class Unavailable(Exception):
+class UnavailableError(Exception):
     """The suite cannot be fetched here (no registry reachable, no sdist for this version)."""
 
 
@@ -69,7 +69,7 @@ def _sdist_link(version: str) -> tuple[str, str]:
         with urllib.request.urlopen(page_url, timeout=30) as response:
             page = response.read().decode()
     except OSError as error:
-        raise Unavailable(f"cannot reach the package index {page_url}: {error}") from error
+        raise UnavailableError(f"cannot reach the package index {page_url}: {error}") from error
     parser = _Links()
     parser.feed(page)
     wanted = f"safetensors-{version}.tar.gz"
@@ -77,7 +77,7 @@ def _sdist_link(version: str) -> tuple[str, str]:
         url, _, fragment = urllib.parse.urljoin(page_url, href).partition("#")
         if urllib.parse.unquote(url.rsplit("/", 1)[-1]) == wanted and fragment.startswith("sha256="):
             return url, fragment.removeprefix("sha256=")
-    raise Unavailable(f"{page_url} lists no {wanted} with a sha256")
+    raise UnavailableError(f"{page_url} lists no {wanted} with a sha256")
 
 
 def _download(version: str, into: Path) -> Path:
@@ -88,7 +88,7 @@ def _download(version: str, into: Path) -> Path:
         with urllib.request.urlopen(url, timeout=60) as response, partial.open("wb") as out:
             shutil.copyfileobj(response, out)
     except OSError as error:
-        raise Unavailable(f"cannot download {url}: {error}") from error
+        raise UnavailableError(f"cannot download {url}: {error}") from error
     digest = hashlib.sha256(partial.read_bytes()).hexdigest()
     if digest != sha256:
         partial.unlink()
