@@ -213,7 +213,6 @@ def test_safe_open_handle(zoo: Path, where: Where, name: str) -> None:
         same(lambda: {k: ref.get_tensor(k) for k in names}, lambda: got.get_tensors(names), f"{name}: get_tensors")
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: safe_open(...).get_tensors() with no argument is a TypeError")
 def test_get_tensors_without_names(zoo: Path, where: Where) -> None:
     with safetensors.safe_open(str(zoo / "shapes.safetensors"), "pt") as ref:
         expected = ref.get_tensors()
@@ -221,26 +220,18 @@ def test_get_tensors_without_names(zoo: Path, where: Where) -> None:
         _same_value(got.get_tensors(), expected, "get_tensors()")
 
 
-GLOB_BUG = pytest.mark.xfail(strict=True, reason="library bug: an exact name with [, * or ? is read as a glob")
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=GLOB_BUG) if n in ("w[0]", "*", "?") else n for n in ODD_NAMES])
+@pytest.mark.parametrize("name", ODD_NAMES)
 def test_select_exact_odd_name(zoo: Path, where: Where, name: str) -> None:
     """``tensors=[name]`` with an exact name selects that tensor, whatever characters it has."""
     expected = {name: safetensors.torch.load_file(str(zoo / "names.safetensors"))[name]}
     _same_value(sst.load_file(where("names.safetensors"), tensors=[name]), expected, f"tensors=[{name!r}]")
 
 
-PATH_BUG = "library bug: os.PathLike is refused (load_file: AttributeError 'decode'; safe_open: TypeError)"
-
-
-@pytest.mark.xfail(strict=True, reason=PATH_BUG)
 def test_path_like_load_file(zoo: Path) -> None:
     path = zoo / "shapes.safetensors"
     same(lambda: safetensors.torch.load_file(path), lambda: sst.load_file(path), "load_file(Path)")
 
 
-@pytest.mark.xfail(strict=True, reason=PATH_BUG)
 def test_path_like_safe_open(zoo: Path) -> None:
     path = zoo / "shapes.safetensors"
     with safetensors.safe_open(path, "pt") as ref, sst.safe_open(path, "pt") as got:
@@ -345,19 +336,9 @@ FIXED_INDICES: list[Any] = [
     (slice(2, 9), 1, slice(0, 5, 2)),
     (),
 ]
-SLICE_BUGS = {repr(None): "library bug: get_slice(name)[None] drops the new axis"}
 
 
-def _slice_cases() -> list[Any]:
-    cases = []
-    for index in FIXED_INDICES:
-        reason = SLICE_BUGS.get(repr(index))
-        marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-        cases.append(pytest.param(index, marks=marks, id=repr(index)))
-    return cases
-
-
-@pytest.mark.parametrize("index", _slice_cases())
+@pytest.mark.parametrize("index", [pytest.param(index, id=repr(index)) for index in FIXED_INDICES])
 def test_get_slice_fixed(zoo: Path, where: Where, index: Any) -> None:
     shapes = str(zoo / "shapes.safetensors")
     with safetensors.safe_open(shapes, "pt") as ref, sst.safe_open(where("shapes.safetensors"), "pt") as got:
@@ -385,12 +366,9 @@ def handles(zoo: Path, where: Where) -> Iterator[tuple[Any, Any]]:
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=_name_and_index())
 def test_get_slice_any_basic_index(handles: tuple[Any, Any], case: tuple[str, Any]) -> None:
-    """Ints (negative too), slices with any start/stop/step, ``None`` and ``...`` on every shape of the zoo,
-    except a bare ``None`` (test_get_slice_fixed[None] is its strict xfail: stream_st drops the new axis)."""
+    """Ints (negative too), slices with any start/stop/step, ``None`` and ``...`` on every shape of the zoo."""
     ref, got = handles
     name, index = case
-    if index is None:
-        return
     same(lambda: ref.get_slice(name)[index], lambda: got.get_slice(name)[index], f"{name}[{index!r}]")
 
 

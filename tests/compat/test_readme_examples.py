@@ -11,9 +11,10 @@ server, both on 127.0.0.1, serving a tiny Llama-like checkpoint: ``model.embed_t
 ``"a", "b", "c"``, and the names a reader defines themselves: ``url``, ``model`` and ``MyModel`` (a torch module
 whose parameters have the checkpoint's names). Nothing else is added: no import the block does not make.
 
-Statements on ``s3://`` and ``gs://`` are skipped with their reason: their placeholders are buckets of a real
-account ("AWS credentials as usual") or a fixed LocalStack port, and the S3 and GCS paths are covered by
-tests/integration/test_s3.py and test_gcs.py against LocalStack and the GCS emulator.
+Statements on ``s3://``, ``gs://``, ``az://`` and ``abfs://`` are skipped with their reason: their placeholders
+are buckets and keys of a real account ("AWS credentials as usual", ``account_key="..."``) or a fixed LocalStack
+port, and those paths are covered by tests/integration/test_s3.py, test_gcs.py and test_azure.py against
+LocalStack, the GCS emulator and Azurite.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ RUN = ["## Quickstart", "### Where from", "### Integrity"]
 EXCLUDED = {
     "### transformers": "from_pretrained(device='cuda'): needs a GPU and transformers' tiny models; the same "
     "path runs in tests/integration/test_transformers*.py and examples/transformers_from_url.py",
+    "### vLLM": "needs vLLM (its CPU build runs in tests/integration/test_vllm.py, which covers fetch_model_files, "
+    "load_format='stream_st' and llm()) and s3://bucket/llama/ of a real account",
     "### Serverless cold start": "prefetches s3://bucket/llama/ (LocalStack) and builds a transformers model "
     "from ./config; the same path runs in tests/integration/test_prefetch.py",
     "### Many ranks: tensor, pipeline and data parallel": "needs torch.distributed process groups (rank, "
@@ -52,6 +55,8 @@ EXCLUDED = {
 SKIPPED_STATEMENTS = {
     "s3://": "s3:// with a real account's bucket or a fixed LocalStack port: see the module docstring",
     "gs://": "gs:// of a real bucket: see the module docstring",
+    "az://": "az:// of a real storage account (placeholder key '...'): see the module docstring",
+    "abfs://": "abfs:// with a placeholder connection string '...': see the module docstring",
 }
 HF_TOKEN = "hf_..."  # the README's placeholder token, registered on the Hub-compatible server
 

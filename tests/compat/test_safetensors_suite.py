@@ -101,16 +101,7 @@ KNOWN_DIFFERENCES: dict[str, tuple[str, str]] = {
 
 # Current stream_st bugs, per mode (issue #16). Each is xfail(strict=True): when the fix lands, the test
 # passes, the strict xfail fails, and the entry must be removed.
-_BACKEND = "library bug: backend= ('mmap'/'pread') is refused (ConfigError: unknown option(s) backend)"
 LIBRARY_BUGS: dict[str, str] = {
-    "test_pread_backend.py::PreadBackendTests::test_default_backend_unchanged": (
-        "library bug: safe_open(...).get_tensors() with no argument is a TypeError (must return every tensor)"
-    ),
-    "test_pread_backend.py::PreadBackendTests::test_get_slice": _BACKEND,
-    "test_pread_backend.py::PreadBackendTests::test_get_tensors_round_trip": _BACKEND,
-    "test_pread_backend.py::PreadBackendTests::test_load_file_round_trip": _BACKEND,
-    "test_pread_backend.py::PreadBackendTests::test_load_model": _BACKEND,
-    "test_pread_backend.py::PreadBackendTests::test_safe_open_round_trip": _BACKEND,
     "test_pt_comparison.py::TorchTestCase::test_odd_dtype_fp4": (
         "library bug: F4 (float4_e2m1fn_x2) raises UnsupportedDtypeError; safetensors loads it"
     ),
@@ -118,15 +109,8 @@ LIBRARY_BUGS: dict[str, str] = {
         "library bug: load_model with different values for a tied pair raises stream_st's own 'one tied "
         "tensor' error instead of reporting the unexpected keys as safetensors does"
     ),
-    "test_simple.py::WindowsTestCase::test_get_correctly_dropped": (
-        "library bug: a closed handle raises a plain RuntimeError, not one that catching SafetensorError catches"
-    ),
 }
-LIBRARY_BUGS_LOCAL_ONLY: dict[str, str] = {
-    "test_simple.py::TestCase::test_accept_path": (
-        "library bug: load_file(pathlib.Path) raises AttributeError ('PosixPath' object has no attribute 'decode')"
-    ),
-}
+LIBRARY_BUGS_LOCAL_ONLY: dict[str, str] = {}
 
 
 def _bugs(mode: str) -> dict[str, str]:
