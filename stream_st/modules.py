@@ -67,7 +67,7 @@ def apply_state(
             with different values; or a parameter or buffer is still on ``meta`` after the load.
     """
     model_keys = set(model.state_dict().keys())
-    loaded = _one_per_group(state, groups, url)
+    loaded, differing = _one_per_group(state, groups)
     result = model.load_state_dict(state, strict=False, assign=assign)
     missing = set(result.missing_keys)
     for group, source in loaded.items():
@@ -76,7 +76,7 @@ def apply_state(
                 missing.discard(name)
                 if assign:
                     set_tensor(model, name, get_tensor(model, source))
-    unexpected = [name for name in in_file if name not in model_keys]
+    unexpected = [name for name in in_file if name not in model_keys or name in differing]
     if strict and (missing or unexpected):
         error = f"Error(s) in loading state_dict for {model.__class__.__name__}:"
         if missing:
@@ -85,6 +85,11 @@ def apply_state(
             error += "\n    Unexpected key(s) in state_dict: " + ", ".join(f'"{k}"' for k in sorted(unexpected))
         if missing and unexpected:
             error += _renamed_hint(model)
+        for name, source in differing.items():
+            error += (
+                f"\n    '{name}' is tied to '{source}' in the model, but the checkpoint stores different values for "
+                "them; build the model untied, or use stream_st.integrations.transformers.from_pretrained"
+            )
         raise ModelLoadError(error, url=redact(url))
     _recompute_buffers(model, device, url)
     on_meta = [name for name, tensor in _all_tensors(model) if tensor.is_meta]
@@ -98,28 +103,24 @@ def apply_state(
     return sorted(missing), unexpected
 
 
-def _one_per_group(state: dict[str, torch.Tensor], groups: list[list[str]], url: str) -> dict[tuple[str, ...], str]:
-    """For each tied group the checkpoint holds, the one name that is loaded; its other names leave ``state``
-    (the file's copies must be bitwise equal: the model says they are one tensor)."""
+def _one_per_group(
+    state: dict[str, torch.Tensor], groups: list[list[str]]
+) -> tuple[dict[tuple[str, ...], str], dict[str, str]]:
+    """For each tied group the checkpoint holds, the one name that is loaded; its other names leave ``state``.
+    A copy stored with other values than the loaded one is, as for safetensors, an unexpected key (second
+    result: name -> the name it is tied to): it is reported, never loaded over the first."""
     loaded: dict[tuple[str, ...], str] = {}
+    differing: dict[str, str] = {}
     for group in groups:
         present = [name for name in group if name in state]
         if not present:
             continue
         source = present[0]
         for name in present[1:]:
-            copy = state.pop(name)
-            if not _same_bits(copy, state[source]):
-                raise ModelLoadError(
-                    f"{redact(url)}: '{name}' and '{source}' are one tied tensor in the model, but the checkpoint "
-                    f"stores different values for them ({tuple(copy.shape)} {copy.dtype} vs "
-                    f"{tuple(state[source].shape)} {state[source].dtype}); build the model untied, or load it with "
-                    "stream_st.integrations.transformers.from_pretrained, which unties them as transformers does",
-                    url=redact(url),
-                    tensor=name,
-                )
+            if not _same_bits(state.pop(name), state[source]):
+                differing[name] = source
         loaded[tuple(group)] = source
-    return loaded
+    return loaded, differing
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -61,14 +61,7 @@ SKIPPED_STATEMENTS = {
 HF_TOKEN = "hf_..."  # the README's placeholder token, registered on the Hub-compatible server
 
 # Doc bugs of the current README: (heading, text of the statement's first line) -> reason. Strict xfails.
-DOC_BUGS = {
-    ("## Quickstart", "state = sst.load_file(url, dtype=torch.float16)"): (
-        "doc bug: the Quickstart uses torch without importing it (NameError: name 'torch' is not defined)"
-    ),
-    ("## Quickstart", 'with torch.device("meta"):'): (
-        "doc bug: the Quickstart uses torch without importing it (NameError: name 'torch' is not defined)"
-    ),
-}
+DOC_BUGS: dict[tuple[str, str], str] = {}
 
 
 @dataclass(frozen=True)

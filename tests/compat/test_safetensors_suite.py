@@ -105,10 +105,6 @@ LIBRARY_BUGS: dict[str, str] = {
     "test_pt_comparison.py::TorchTestCase::test_odd_dtype_fp4": (
         "library bug: F4 (float4_e2m1fn_x2) raises UnsupportedDtypeError; safetensors loads it"
     ),
-    "test_pt_model.py::TorchModelTestCase::test_difference_torch_odd": (
-        "library bug: load_model with different values for a tied pair raises stream_st's own 'one tied "
-        "tensor' error instead of reporting the unexpected keys as safetensors does"
-    ),
 }
 LIBRARY_BUGS_LOCAL_ONLY: dict[str, str] = {}
 
