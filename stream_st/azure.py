@@ -24,7 +24,6 @@ import inspect
 import json
 import os
 import re
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from urllib.parse import quote, unquote, urlsplit
 from .cloud import SignedSource
 from .errors import ConfigError
 from .integrity import Digest, from_base64
+from .process_cache import ProcessCache
 from .transport import ConnectionPool, Endpoint
 
 # The REST version of our requests and SASes: recent enough for bearer tokens and the whole-blob MD5 on
@@ -266,27 +266,16 @@ def resolve_auth(address: BlobAddress, options: Mapping[str, Any], shown: str, *
 
 # azure-identity credentials built here, one per set of arguments (as fsspec caches one adlfs instance per set
 # of options): each caches its token, so the shards of a checkpoint and later loads ask for it once.
-_credentials: dict[str, Any] = {}
-_credentials_lock = threading.Lock()
-
-
-def _forget_credentials_after_fork() -> None:
-    global _credentials_lock
-    _credentials.clear()
-    _credentials_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_credentials_after_fork)
+_credentials: ProcessCache[Any] = ProcessCache()
 
 
 def _identity(kind: str, *args: Any, **kwargs: Any) -> Any:
-    key = json.dumps([kind, args, kwargs], sort_keys=True, default=repr)
-    with _credentials_lock:
-        if key not in _credentials:
-            import azure.identity
+    def build() -> Any:
+        import azure.identity
 
-            _credentials[key] = getattr(azure.identity, kind)(*args, **kwargs)
-        return _credentials[key]
+        return getattr(azure.identity, kind)(*args, **kwargs)
+
+    return _credentials.get(json.dumps([kind, args, kwargs], sort_keys=True, default=repr), build)
 
 
 def _from_credential(credential: Any, endpoint: str, account: str, shown: str) -> _Auth:

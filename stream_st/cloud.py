@@ -14,7 +14,6 @@ import json
 import os
 import re
 import sys
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any
 from urllib.parse import quote
 
 from .integrity import Digest, from_base64
+from .process_cache import ProcessCache
 from .sources import HttpSource
 from .transport import ConnectionPool, Endpoint, RangeStream, redact
 
@@ -138,17 +138,7 @@ _BOTOCORE_OPTIONS = frozenset(
     {"key", "secret", "token", "anon", "profile", "endpoint_url", "client_kwargs", "config_kwargs"}
 )
 _BOTOCORE_CLIENT_KWARGS = frozenset({"endpoint_url", "region_name"})
-_s3_clients: dict[str, Any] = {}  # like fsspec's instance cache: one client per set of options
-_s3_clients_lock = threading.Lock()
-
-
-def _forget_s3_clients_after_fork() -> None:
-    global _s3_clients_lock
-    _s3_clients.clear()
-    _s3_clients_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_s3_clients_after_fork)
+_s3_clients: ProcessCache[Any] = ProcessCache()  # like fsspec's instance cache: one client per set of options
 
 
 def _s3_by_botocore(url: str, options: Mapping[str, Any], pool: ConnectionPool) -> SignedSource | None:
@@ -179,29 +169,28 @@ def _s3_by_botocore(url: str, options: Mapping[str, Any], pool: ConnectionPool) 
 
 def _s3_client(options: Mapping[str, Any]) -> Any:
     """The cached botocore S3 client for these storage_options, built as s3fs builds its own."""
-    cache_key = json.dumps(options, sort_keys=True, default=repr)
-    with _s3_clients_lock:
-        client = _s3_clients.get(cache_key)
-        if client is None:
-            import botocore.session
-            from botocore.config import Config
+    return _s3_clients.get(json.dumps(options, sort_keys=True, default=repr), lambda: _new_s3_client(options))
 
-            config = dict(options.get("config_kwargs") or {})
-            if options.get("anon"):
-                from botocore import UNSIGNED
 
-                config["signature_version"] = UNSIGNED
-            client_kwargs = options.get("client_kwargs") or {}
-            client = _s3_clients[cache_key] = botocore.session.Session(profile=options.get("profile")).create_client(
-                "s3",
-                aws_access_key_id=options.get("key"),
-                aws_secret_access_key=options.get("secret"),
-                aws_session_token=options.get("token"),
-                endpoint_url=options.get("endpoint_url") or client_kwargs.get("endpoint_url"),
-                region_name=client_kwargs.get("region_name"),
-                config=Config(**config),
-            )
-    return client
+def _new_s3_client(options: Mapping[str, Any]) -> Any:
+    import botocore.session
+    from botocore.config import Config
+
+    config = dict(options.get("config_kwargs") or {})
+    if options.get("anon"):
+        from botocore import UNSIGNED
+
+        config["signature_version"] = UNSIGNED
+    client_kwargs = options.get("client_kwargs") or {}
+    return botocore.session.Session(profile=options.get("profile")).create_client(
+        "s3",
+        aws_access_key_id=options.get("key"),
+        aws_secret_access_key=options.get("secret"),
+        aws_session_token=options.get("token"),
+        endpoint_url=options.get("endpoint_url") or client_kwargs.get("endpoint_url"),
+        region_name=client_kwargs.get("region_name"),
+        config=Config(**config),
+    )
 
 
 def _gcs(url: str, fs: Any, path: str, pool: ConnectionPool) -> SignedSource:

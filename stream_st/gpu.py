@@ -10,7 +10,6 @@ pool is allocated lazily, once per process, and reused by every load.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 
 from .plan import Part, Piece
+from .process_cache import ProcessCache
 from .sinks import writable_view
 
 
@@ -95,27 +95,13 @@ class PinnedPool:
         return self._allocated
 
 
-_pools: dict[tuple[int, int, bool], PinnedPool] = {}
-_pools_lock = threading.Lock()
-
-
-def _forget_pools_after_fork() -> None:
-    global _pools_lock
-    _pools.clear()  # pinned memory and CUDA state do not survive fork: the child starts its own
-    _pools_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_pools_after_fork)
+_pools: ProcessCache[PinnedPool] = ProcessCache()  # pinned memory and CUDA state do not survive fork
 
 
 def shared_pool(slot_bytes: int, pool_bytes: int, *, pinned: bool) -> PinnedPool:
     """The process-wide pool for this slot size (at least one slot, whatever ``pool_bytes`` says)."""
-    key = (slot_bytes, max(1, pool_bytes // slot_bytes), pinned)
-    with _pools_lock:
-        pool = _pools.get(key)
-        if pool is None:
-            pool = _pools[key] = PinnedPool(slot_bytes, key[1], pinned)
-        return pool
+    count = max(1, pool_bytes // slot_bytes)
+    return _pools.get((slot_bytes, count, pinned), lambda: PinnedPool(slot_bytes, count, pinned))
 
 
 def use_device(device: torch.device) -> None:

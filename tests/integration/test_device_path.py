@@ -21,13 +21,14 @@ import stream_st as sst
 from checkpoints import assert_same, assert_tensor_same, layered_state, tiny_state, write
 from servers import RangeServer
 from stream_st import gpu
+from stream_st.process_cache import ProcessCache
 from stream_st.remote import RemoteFile
 
 
 @pytest.fixture()
 def staged(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(RemoteFile, "stage_cpu_loads", True)
-    monkeypatch.setattr(gpu, "_pools", {})  # a fresh pool per test, to count its slots
+    monkeypatch.setattr(gpu, "_pools", ProcessCache())  # a fresh pool per test, to count its slots
     yield
 
 
@@ -177,7 +178,7 @@ def test_cuda_many_small_and_few_huge_tensors_reuse_slots(http: RangeServer, roo
 def test_cuda_failed_load_returns_every_slot_and_the_pool_still_works(
     http: RangeServer, root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(gpu, "_pools", {})
+    monkeypatch.setattr(gpu, "_pools", ProcessCache())
     options: dict[str, int] = {"part_size": 8192, "pinned_pool_bytes": 2 * 8192, "header_prefetch": 4096}
     http.quirks.faults, http.quirks.fault_from = 1000, 4096
     with pytest.raises(sst.IncompleteReadError):
@@ -192,7 +193,7 @@ def test_cuda_failed_load_returns_every_slot_and_the_pool_still_works(
 
 @cuda
 def test_cuda_concurrent_loads_share_the_pool(http: RangeServer, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(gpu, "_pools", {})
+    monkeypatch.setattr(gpu, "_pools", ProcessCache())
     concurrent_loads(http, root, "cuda")
 
 
@@ -276,7 +277,7 @@ def test_filling_the_pool_while_a_load_takes_slots() -> None:
 def test_cuda_load_pins_the_whole_pool_while_it_reads_the_header(
     http: RangeServer, root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(gpu, "_pools", {})
+    monkeypatch.setattr(gpu, "_pools", ProcessCache())
     options: dict[str, int] = {"part_size": 8192, "pinned_pool_bytes": 64 * 8192}
     loaded = sst.load_file(http.url("small.safetensors"), "cuda", **options)  # one part: one slot needed
     assert_same(loaded, safetensors.torch.load_file(str(root / "small.safetensors"), device="cuda"))

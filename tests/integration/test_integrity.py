@@ -20,6 +20,7 @@ from servers import RangeServer
 from stream_st import gpu, remote
 from stream_st.cli import main
 from stream_st.errors import IntegrityError, IntegrityWarning
+from stream_st.process_cache import ProcessCache
 from stream_st.remote import RemoteFile
 
 
@@ -29,7 +30,7 @@ def served(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.M
     pass through the device path's slot pool (as on a GPU: hashed from the destination, read back)."""
     if request.param == "staged":
         monkeypatch.setattr(RemoteFile, "stage_cpu_loads", True)
-        monkeypatch.setattr(gpu, "_pools", {})
+        monkeypatch.setattr(gpu, "_pools", ProcessCache())
         monkeypatch.setattr(remote, "_READ_BACK_BYTES", 1000)  # many read-back chunks, odd boundaries
     folder = tmp_path / "served"
     folder.mkdir()
