@@ -136,42 +136,17 @@ class RemoteFile:
         On the host, bytes land straight in the outputs; for another ``device`` they pass through the
         shared pinned slot pool (gpu.py). With ``verify``, they are checked against a digest before being
         returned: hashed in order as parts land (read back from the device in small chunks on a GPU)."""
-        import torch
-
-        from .sinks import output_tensor
-
         requested = list(requests)
         staged = device is not None and (device.type != "cpu" or self.stage_cpu_loads) and self.source.ranges
         landing = device if staged else None
         outputs = await self._take_prefetched([name for name, region in requested if region is None], landing, into)
         prefetched = [(self.header.tensors[name].start, self.header.tensors[name].end) for name in outputs]
-        wants: list[Want] = []
-        for name, region in requested:
-            info = self.header.tensors[name]
-            if name in outputs:
-                continue
-            if region is not None:
-                region.check(info, self.url)
-            shape = region.shape(info) if region else info.shape
-            given = (into or {}).get(name)
-            if given is not None and given.device != (landing or torch.device("cpu")):
-                given = None  # e.g. a server without ranges: the bytes land in host memory first
-            out = output_tensor(info, shape, url=self.url, device=landing, buffer=given)
-            outputs[name] = out
-            spans = region.spans(info) if region else [(info.start, info.end, 0)]
-            for start, end, offset in spans:
-                wants.extend(self._take_from_prefix(Want(name, start, end, offset), out.buffer))
+        wants = self._allocate(requested, landing, into, outputs)
         memories = _hashable_memories(outputs, staged) if verify else {}
         sliced = {name for name, region in requested if region}
         whole = len(outputs) == len(self.header) and not sliced
         if isinstance(verify, str) and verify != "strict" and not whole:
-            raise ConfigError(
-                f"{self.url}: verify={verify[:15]}... is a digest of the whole file, but this load reads "
-                f"{len(outputs) - len(sliced)} whole tensors of {len(self.header)}"
-                + (f" and slices of {len(sliced)}" if sliced else "")
-                + "; load the whole file, or use verify=True with a sidecar of per-tensor digests",
-                url=self.url,
-            )
+            self._refuse_whole_file_digest(verify, len(outputs) - len(sliced), len(sliced))
         hasher = await self._whole_file_hasher(verify, memories) if verify and whole else None
         sidecar = await self._sidecar_for_partial(verify) if verify and not whole else None
         if verify and sliced:
@@ -194,6 +169,46 @@ class RemoteFile:
             checked = [(name, outputs[name].buffer.numel(), memories[name]) for name in outputs if name not in sliced]
             await self.engine.run(check_tensors, self.url, sidecar, checked)
         return outputs
+
+    def _allocate(
+        self,
+        requested: list[tuple[str, Region | None]],
+        device: torch.device | None,
+        into: Mapping[str, torch.Tensor] | None,
+        outputs: dict[str, OutputTensor],
+    ) -> list[Want]:
+        """An output for every requested tensor (or region) not in ``outputs`` yet, on ``device`` (None: host
+        memory) or in its ``into`` buffer; returns the spans still to fetch (the header read's are copied)."""
+        import torch
+
+        from .sinks import output_tensor
+
+        wants: list[Want] = []
+        for name, region in requested:
+            info = self.header.tensors[name]
+            if name in outputs:
+                continue
+            if region is not None:
+                region.check(info, self.url)
+            shape = region.shape(info) if region else info.shape
+            given = (into or {}).get(name)
+            if given is not None and given.device != (device or torch.device("cpu")):
+                given = None  # e.g. a server without ranges: the bytes land in host memory first
+            out = output_tensor(info, shape, url=self.url, device=device, buffer=given)
+            outputs[name] = out
+            spans = region.spans(info) if region else [(info.start, info.end, 0)]
+            for start, end, offset in spans:
+                wants.extend(self._take_from_prefix(Want(name, start, end, offset), out.buffer))
+        return wants
+
+    def _refuse_whole_file_digest(self, verify: str, whole: int, sliced: int) -> None:
+        raise ConfigError(
+            f"{self.url}: verify={verify[:15]}... is a digest of the whole file, but this load reads "
+            f"{whole} whole tensors of {len(self.header)}"
+            + (f" and slices of {sliced}" if sliced else "")
+            + "; load the whole file, or use verify=True with a sidecar of per-tensor digests",
+            url=self.url,
+        )
 
     async def _take_prefetched(
         self, names: list[str], device: torch.device | None, into: Mapping[str, torch.Tensor] | None

@@ -18,7 +18,7 @@ import torch
 
 import stream_st as sst
 from checkpoints import assert_same, layered_state, write
-from servers import RangeServer
+from servers import Nginx, RangeServer
 from stream_st.header import LENGTH_PREFIX
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -330,13 +330,14 @@ def _rss_mib() -> float:
         return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
 
 
-def test_cancel_frees_what_no_load_took(http: RangeServer, root: Path) -> None:
+def test_cancel_frees_what_no_load_took(nginx: Nginx, root: Path) -> None:
     import gc
 
+    # Served by nginx, another process: only the prefetch's own memory shows in this process's RSS.
     path = write(root / "big-prefetch.safetensors", layered_state(layers=8, width=1024))  # ~54 MiB
     try:
         before = _rss_mib()
-        early = sst.prefetch(http.url(path.name))
+        early = sst.prefetch(nginx.url(path.name))
         early.wait(60)
         held_mib = _rss_mib() - before
         assert held_mib > 40  # the bytes are in this process's memory
