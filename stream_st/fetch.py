@@ -76,7 +76,9 @@ class Engine:
 
     def __init__(self, config: Config, stats: Stats | None = None) -> None:
         self.config = config
-        self.pool = ConnectionPool(connect_timeout=config.connect_timeout, read_timeout=config.stall_timeout)
+        self.pool = ConnectionPool(
+            connect_timeout=config.connect_timeout, read_timeout=config.stall_timeout, min_speed=config.min_speed
+        )
         self.stats = stats if stats is not None else Stats()
         self.progress: Progress | None = None  # set by the API for the duration of a load
         self._executor = ThreadPoolExecutor(max_workers=config.max_concurrency, thread_name_prefix="stream_st")
@@ -123,7 +125,7 @@ class Engine:
                 pending = await _reap(pending, asyncio.FIRST_EXCEPTION)
         except BaseException:
             cancelled.set()  # workers stop at their next chunk; wait so no thread writes after we return
-            self.pool.abort()  # and those blocked on a silent socket stop now
+            self.pool.abort(cancelled)  # and those blocked on a silent socket stop now
             if pending:
                 await asyncio.wait(pending)
                 for future in pending:  # consumed: the first error is the one that propagates
@@ -132,18 +134,26 @@ class Engine:
             raise
 
     async def probe(self, source: Source) -> Probe:
-        """The source's first ``header_prefetch`` bytes, size and version, retried like any range."""
+        """The source's first ``header_prefetch`` bytes, size and version, retried like any range. A cancel
+        (``timeout=``, Ctrl-C) shuts its socket and waits for its thread, as ``fetch`` does."""
         cancelled = threading.Event()
+        work = self._executor.submit(
+            self._retrying,
+            source,
+            lambda: source.probe(self.config.header_prefetch),
+            cancelled,
+            lambda: Location(None, 0, self.config.header_prefetch, 0),
+        )
+        waiting = asyncio.wrap_future(work)
         try:
-            probe: Probe = await self.run(
-                self._retrying,
-                source,
-                lambda: source.probe(self.config.header_prefetch),
-                cancelled,
-                lambda: Location(None, 0, self.config.header_prefetch, 0),
-            )
+            probe: Probe = await asyncio.shield(waiting)
         except BaseException:
             cancelled.set()
+            self.pool.abort(cancelled)
+            if not waiting.done():  # an HTTP probe returns at once; an fsspec call is waited for, within bounds
+                await asyncio.wait({waiting}, timeout=self.config.stall_timeout)
+            if waiting.done() and not waiting.cancelled():
+                waiting.exception()  # consumed: the error that propagates is the first one
             raise
         self.stats.add(requests=1, nbytes=len(probe.prefix))
         return probe
@@ -204,7 +214,8 @@ class Engine:
             if cancelled.is_set():
                 raise LoadCancelledError()
             try:
-                return attempt()
+                with self.pool.tagged(cancelled):  # so that a cancel shuts this load's sockets only
+                    return attempt()
             except _RETRYABLE as exc:
                 failures += 1
                 where = locate()
