@@ -174,7 +174,7 @@ async def _with_deadline(config: Config, url: str, coro: Any) -> Any:
     try:
         return await asyncio.wait_for(coro, config.timeout)
     except TimeoutError:
-        raise TimeoutError(f"{url}: load did not finish within timeout={config.timeout}s") from None
+        raise TimeoutError(f"{redact(url)}: load did not finish within timeout={config.timeout}s") from None
 
 
 def to_device(device: Device) -> torch.device:

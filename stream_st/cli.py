@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from . import __version__
+from .location import scrub
 
 EXAMPLES = {
     "inspect": (
@@ -363,7 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if args.debug:
             raise
-        print(f"stream-st: error: {exc}", file=sys.stderr)
+        # Messages carry display forms of URLs already; a third-party error may not: scrub the URL given.
+        print(f"stream-st: error: {scrub(str(exc), getattr(args, 'url', '') or '')}", file=sys.stderr)
         return 1
 
 

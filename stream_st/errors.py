@@ -21,6 +21,8 @@ Every error derives from :class:`StreamSTError` and also from the builtin a call
 
 from __future__ import annotations
 
+from .location import redact
+
 
 class StreamSTError(Exception):
     """Base class of every error raised by stream_st."""
@@ -35,7 +37,7 @@ class StreamSTError(Exception):
         end: int | None = None,
     ) -> None:
         super().__init__(message)
-        self.url = url
+        self.url = redact(url) if url else url  # callers pass display forms; this makes sure
         self.tensor = tensor
         self.start = start
         self.end = end

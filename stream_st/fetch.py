@@ -19,6 +19,7 @@ from typing import TypeVar
 from .config import Config
 from .errors import FetchError, IncompleteReadError
 from .gpu import DeviceStaging, SlotWaitCancelledError
+from .location import redact_text
 from .plan import Part, Want, plan_parts
 from .progress import Progress
 from .sources import ByteStream, Probe, Source, read_exactly
@@ -300,7 +301,8 @@ async def _reap(pending: set[asyncio.Future[None]], when: str) -> set[asyncio.Fu
 
 
 def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    text = redact_text(str(exc))  # in case it holds text a server sent
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _give_up(url: str, where: Location, attempts: int, exc: BaseException) -> FetchError:

@@ -17,8 +17,6 @@ import re
 from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
-from .errors import HeaderError
-
 # Schemes whose URL path is percent-encoded: a file name put into it is quoted. Elsewhere (s3, gs, hf,
 # memory, a local path) a key is literal, as s3fs, gcsfs and huggingface_hub take it.
 _ENCODED = frozenset({"http", "https", "file"})
@@ -148,6 +146,8 @@ def inside(folder: Location, name: str) -> str:
     a file:// open each decode once), then must hold no NUL or control character, no backslash, no scheme,
     no absolute path, and no ``..`` that climbs out after normalisation. What is joined is the literal
     name, normalised, so a server that decodes it gets the very file that was checked."""
+    from .errors import HeaderError  # here: errors.py imports this module
+
     shown = folder.shown
     if not isinstance(name, str) or not name:
         raise HeaderError(f"{shown}: a file name must be a non-empty string, got {name!r}", url=shown)
@@ -203,8 +203,12 @@ def scrub(text: str, url: str) -> str:
     """``text`` with every secret part of ``url`` (the whole URL, its user info, its query string)
     replaced: a last line of defence where text from elsewhere (a third-party error) meets a URL."""
     where = Location.parse(url)
-    text = text.replace(url, where.shown)
-    for secret in (where.query, where.userinfo, where.fragment):
+    if url:
+        text = text.replace(url, where.shown)
+    secrets = [where.query, where.userinfo, where.userinfo.partition(":")[2], where.fragment]
+    values = [pair.partition("=")[2] for pair in where.query.split("&")]
+    secrets += values + [unquote(value) for value in values]
+    for secret in sorted(secrets, key=len, reverse=True):
         if len(secret) >= 4:
             text = text.replace(secret, "<redacted>")
     return text

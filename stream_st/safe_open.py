@@ -13,6 +13,7 @@ from .api import Device, finish, settle, to_device
 from .config import Config, resolve
 from .fetch import Engine
 from .header import TensorInfo
+from .location import redact
 from .regions import Region
 from .remote import RemoteFile
 from .shards import Checkpoint, open_checkpoint
@@ -79,7 +80,7 @@ class AsyncSafeOpen:
     @property
     def checkpoint(self) -> Checkpoint:
         if self._checkpoint is None:
-            raise RuntimeError(f"{self._url}: the handle is closed (use it inside 'with')")
+            raise RuntimeError(f"{redact(self._url)}: the handle is closed (use it inside 'with')")
         return self._checkpoint
 
     def keys(self) -> list[str]:

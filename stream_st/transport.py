@@ -368,12 +368,19 @@ def _send(
 ) -> http.client.HTTPResponse:
     try:
         conn.request("GET", target, headers=dict(headers))
+    except socket.gaierror:
+        raise FetchError(f"{shown}: cannot resolve the host of the request", url=shown) from None
     except (http.client.InvalidURL, ValueError):
         # http.client's message would quote the URL or the header value, either of which may be a secret.
         raise FetchError(f"{shown}: the URL or a header holds characters HTTP does not allow", url=shown) from None
     if conn.sock is not None:
         conn.sock.settimeout(read_timeout)  # a stalled body raises socket.timeout instead of hanging
-    return conn.getresponse()
+    try:
+        return conn.getresponse()
+    except http.client.HTTPException as exc:
+        # BadStatusLine, LineTooLong...: their text is what the server sent, which may echo the request.
+        # A ConnectionError is retried as they were; its message and cause hold nothing the server wrote.
+        raise ConnectionError(f"{shown}: malformed HTTP response ({type(exc).__name__})") from None
 
 
 def _check(
