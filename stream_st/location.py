@@ -160,6 +160,8 @@ def inside(folder: Location, name: str) -> str:
     else:
         raise HeaderError(f"{shown}: file name {_printable(name)} is percent-encoded too many times", url=shown)
     why = _outside(decoded) or _outside(name)
+    if not why and folder.scheme and not folder.encoded and ("?" in name or "#" in name):
+        why = "'?' and '#' would be read as a query or fragment in this URL scheme"  # keys are literal here
     if why:
         raise HeaderError(f"{shown}: refusing file name {_printable(name)}: {why}", url=shown)
     return posixpath.normpath(name)

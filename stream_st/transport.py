@@ -366,21 +366,24 @@ def open_range(
 def _send(
     conn: http.client.HTTPConnection, target: str, headers: Mapping[str, str], read_timeout: float, shown: str
 ) -> http.client.HTTPResponse:
+    # The errors below are raised outside their ``except`` so that they carry no context: http.client's
+    # messages quote the URL, a header value or what the server sent, any of which may hold a secret.
     try:
         conn.request("GET", target, headers=dict(headers))
+        failure = None
     except socket.gaierror:
-        raise FetchError(f"{shown}: cannot resolve the host of the request", url=shown) from None
+        failure = FetchError(f"{shown}: cannot resolve the host of the request", url=shown)
     except (http.client.InvalidURL, ValueError):
-        # http.client's message would quote the URL or the header value, either of which may be a secret.
-        raise FetchError(f"{shown}: the URL or a header holds characters HTTP does not allow", url=shown) from None
+        failure = FetchError(f"{shown}: the URL or a header holds characters HTTP does not allow", url=shown)
+    if failure is not None:
+        raise failure
     if conn.sock is not None:
         conn.sock.settimeout(read_timeout)  # a stalled body raises socket.timeout instead of hanging
     try:
         return conn.getresponse()
-    except http.client.HTTPException as exc:
-        # BadStatusLine, LineTooLong...: their text is what the server sent, which may echo the request.
-        # A ConnectionError is retried as they were; its message and cause hold nothing the server wrote.
-        raise ConnectionError(f"{shown}: malformed HTTP response ({type(exc).__name__})") from None
+    except http.client.HTTPException as exc:  # BadStatusLine, LineTooLong...: retried, as they were
+        kind = type(exc).__name__
+    raise ConnectionError(f"{shown}: malformed HTTP response ({kind})")
 
 
 def _check(
