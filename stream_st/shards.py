@@ -131,7 +131,8 @@ async def open_checkpoint(url: str, engine: Engine, storage_options: Mapping[str
     where = Location.parse(url)
     if where.path.endswith(".json"):
         return await _from_index(where, engine, options)
-    if where.path.endswith(SUFFIX):
+    local = where.local_path
+    if where.path.endswith(SUFFIX) or (local is not None and os.path.exists(local) and not os.path.isdir(local)):
         return Checkpoint(where.shown, engine, options, [url])
     if where.scheme in ("http", "https"):
         return await _guess_http_folder(where, engine, options)

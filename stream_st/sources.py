@@ -161,8 +161,6 @@ class _OpenFiles:
     when needed, which fails with ObjectChangedError if the path now names another file or version."""
 
     def __init__(self) -> None:
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        self.limit = max(16, min(1024, soft // 4)) if soft > 0 else 1024
         self._lock = threading.Lock()
         self._open: OrderedDict[LocalSource, int] = OrderedDict()  # source -> readers using its descriptor
 
@@ -188,8 +186,16 @@ class _OpenFiles:
         if fd is not None:
             os.close(fd)
 
+    @staticmethod
+    def limit() -> int:
+        """A quarter of the process's descriptor limit (read each time: a program may lower it), at most
+        1024: room for sockets, the caller's own files and the files of other loads."""
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return max(16, min(1024, soft // 4)) if soft > 0 else 1024
+
     def _make_room(self) -> None:
-        for idle in [s for s, users in self._open.items() if not users][: max(0, len(self._open) - self.limit + 1)]:
+        excess = len(self._open) - self.limit() + 1
+        for idle in [s for s, users in self._open.items() if not users][: max(0, excess)]:
             del self._open[idle]
             if idle._fd is not None:
                 os.close(idle._fd)

@@ -152,7 +152,10 @@ def test_the_display_form_holds_no_secret(scheme: str, user: str, host: str, pat
 
 def test_sibling_of_a_presigned_url_is_built_on_the_path() -> None:
     where = Location.parse("https://b.s3.amazonaws.com/m/model.safetensors?X-Amz-Signature=abc&X-Amz-Date=1")
-    assert where.sibling("model.safetensors.sha256.json").url == "https://b.s3.amazonaws.com/m/model.safetensors.sha256.json"
+    assert (
+        where.sibling("model.safetensors.sha256.json").url
+        == "https://b.s3.amazonaws.com/m/model.safetensors.sha256.json"
+    )
     assert Location.parse("hf://org/repo@abc/model.safetensors").sibling("x.json").url == "hf://org/repo@abc/x.json"
     assert Location.parse("file:///a%20b/m.safetensors").sibling("m 2.json").url == "file:///a%20b/m%202.json"
     assert Location.parse("abfs://container@acct/m.safetensors").shown == "abfs://container@acct/m.safetensors"

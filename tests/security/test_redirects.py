@@ -91,9 +91,8 @@ def test_redirect_to_another_scheme_is_refused(location: str, debug_logs: pytest
     "location", ["http://127.0.0.1:99999/x", "http://[::1", "http://127.0.0.1:abc/x", "http:///x", "http://[zz]/"]
 )
 def test_hostile_location_is_a_named_error(location: str) -> None:
-    with HostileServer(_redirecting({False: location})) as server:
-        with pytest.raises(sst.FetchError) as caught:
-            _load(server.url("model.safetensors"))
+    with HostileServer(_redirecting({False: location})) as server, pytest.raises(sst.FetchError) as caught:
+        _load(server.url("model.safetensors"))
     assert_no_secret(texts_of(caught.value))
 
 
