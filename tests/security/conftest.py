@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -38,10 +39,8 @@ def _ours() -> list[threading.Thread]:
 def _fds() -> dict[str, str]:
     found = {}
     for fd in os.listdir("/proc/self/fd"):
-        try:
+        with contextlib.suppress(OSError):
             found[fd] = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            pass
     return found
 
 

@@ -9,6 +9,7 @@ certificate for 127.0.0.1 with ``cryptography``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import re
@@ -113,20 +114,16 @@ class HostileServer:
         except (OSError, ssl.SSLError):
             pass
         finally:
-            try:
+            with contextlib.suppress(OSError):
                 sock.close()
-            except OSError:
-                pass
 
     def close(self) -> None:
         self._stop.set()
         with self._lock:
             clients, threads = list(self._clients), list(self._threads)
         for sock in clients:
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         self._acceptor.join(5)
         for thread in threads:
             thread.join(5)

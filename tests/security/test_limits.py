@@ -123,6 +123,10 @@ def test_a_hostile_content_length_is_a_named_error_and_the_stream_is_closed(valu
         assert all(closed.wait(2) for closed in server.peer_closed)
 
 
+def _sidecar(digest: str, tensors: dict[str, str]) -> bytes:
+    return json.dumps({"sha256": digest, "size": 1, "tensors": tensors}).encode()
+
+
 @pytest.mark.parametrize(
     ("name", "body", "error"),
     [

@@ -64,45 +64,25 @@ def _run(call: Callable[[], object]) -> BaseException:
     raise AssertionError("expected an error")
 
 
+def _load(**options: object) -> Callable[[str], object]:
+    return lambda url: sst.load_file(url, storage_options=OPTIONS, **options)
+
+
+def _index(folder: str) -> Callable[[str], object]:
+    index = f"{folder}/model.safetensors.index.json?"
+    return lambda url: sst.load_file(url.replace("model.safetensors?", index), storage_options=OPTIONS)
+
+
+RETRY_ONCE = {"retries": 1, "backoff_base": 0.01}
 CASES: dict[str, tuple[Callable[[Client], None] | None, Callable[[str], object], type[BaseException]]] = {
-    "tensor not found": (
-        None,
-        lambda u: sst.load_file(u, tensors=["nope"], storage_options=OPTIONS),
-        sst.TensorNotFoundError,
-    ),
-    "timeout": (
-        _stall_data,
-        lambda u: sst.load_file(u, timeout=1.0, header_prefetch=16, storage_options=OPTIONS),
-        TimeoutError,
-    ),
-    "sidecar": (
-        None,
-        lambda u: sst.load_file(u, tensors=["a"], verify=True, storage_options=OPTIONS),
-        sst.IntegrityError,
-    ),
-    "index join": (
-        None,
-        lambda u: sst.load_file(
-            u.replace("model.safetensors?", "bad/model.safetensors.index.json?"), storage_options=OPTIONS
-        ),
-        sst.HeaderError,
-    ),
-    "index outside": (
-        None,
-        lambda u: sst.load_file(u.replace("model.safetensors?", "idx/model.safetensors.index.json?")),
-        sst.HeaderError,
-    ),
-    "reason phrase": (
-        _echo_status,
-        lambda u: sst.load_file(u, retries=1, backoff_base=0.01, storage_options=OPTIONS),
-        sst.FetchError,
-    ),
-    "status line": (
-        _echo_status_line,
-        lambda u: sst.load_file(u, retries=1, backoff_base=0.01, storage_options=OPTIONS),
-        sst.FetchError,
-    ),
-    "hub message": (_hub_echo, lambda u: sst.load_file(u, storage_options=OPTIONS), FileNotFoundError),
+    "tensor not found": (None, _load(tensors=["nope"]), sst.TensorNotFoundError),
+    "timeout": (_stall_data, _load(timeout=1.0, header_prefetch=16), TimeoutError),
+    "sidecar": (None, _load(tensors=["a"], verify=True), sst.IntegrityError),
+    "index join": (None, _index("bad"), sst.HeaderError),
+    "index outside": (None, _index("idx"), sst.HeaderError),
+    "reason phrase": (_echo_status, _load(**RETRY_ONCE), sst.FetchError),
+    "status line": (_echo_status_line, _load(**RETRY_ONCE), sst.FetchError),
+    "hub message": (_hub_echo, _load(), FileNotFoundError),
 }
 
 
