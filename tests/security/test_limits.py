@@ -64,6 +64,18 @@ def test_max_small_file_bytes_is_an_option() -> None:
         assert sst.load_file(server.url("i.json"), **QUICK).keys() == {"a"}
 
 
+def test_the_limits_come_from_the_environment_and_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAM_ST_MIN_SPEED", "0")
+    monkeypatch.setenv("STREAM_ST_MAX_SMALL_FILE_BYTES", "4096")
+    config = sst.Config.from_env()
+    assert (config.min_speed, config.max_small_file_bytes) == (0, 4096)
+    assert (sst.Config().min_speed, sst.Config().max_small_file_bytes) == (16 << 10, 64 << 20)
+    with pytest.raises(sst.ConfigError):
+        sst.Config(min_speed=-1)
+    with pytest.raises(sst.ConfigError):
+        sst.Config(max_small_file_bytes=0)
+
+
 def test_the_sidecar_of_a_presigned_url_is_its_path_and_a_refused_one_counts_as_absent() -> None:
     files = {"model.safetensors": DATA, "model.safetensors.sha256.json": b"{}"}
     with HostileServer(files_handler(files, required_query="sig=abc")) as server:
