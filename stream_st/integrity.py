@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from .errors import IntegrityError
+from .location import Location
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +223,14 @@ class Sidecar:
         return json.dumps({"sha256": self.file_sha256, "size": self.size, "tensors": self.tensors}, indent=1)
 
     def whole(self, url: str) -> Digest:
-        return Digest("sha256", bytes.fromhex(self.file_sha256), f"the sidecar {url}{SIDECAR_SUFFIX}")
+        return Digest("sha256", bytes.fromhex(self.file_sha256), f"the sidecar {sidecar_location(url).shown}")
+
+
+def sidecar_location(file: str | Location) -> Location:
+    """Where the sidecar of ``file`` is: ``<name>.sha256.json`` in the same folder, built on the path (a
+    presigned query string signs the file's own path only, so it is not carried over)."""
+    where = Location.parse(file)
+    return where.sibling(where.name + SIDECAR_SUFFIX)
 
 
 def _is_sha256(value: object) -> bool:

@@ -21,8 +21,8 @@ from .integrity import (
     VerifyOption,
     check_tensors,
     parse_digest,
+    sidecar_location,
 )
-from .location import Location
 from .plan import Want
 from .regions import Region
 from .sinks import OutputTensor, output_tensor, writable_view
@@ -209,8 +209,7 @@ class RemoteFile:
         """``<file>.sha256.json`` next to the file (of the file's own version where the store pins one), or
         None when there is none. A refused one counts as absent: a presigned URL's signature covers its
         own path only, and S3 answers 403 for a missing key to a client that may not list the bucket."""
-        file = Location.parse(self.source.pinned_url() or self._location)
-        where = file.sibling(file.name + SIDECAR_SUFFIX)
+        where = sidecar_location(self.source.pinned_url() or self._location)
         try:
             raw = await read_whole(where.url, self.engine, self._storage_options)
         except (FileNotFoundError, PermissionError) as exc:

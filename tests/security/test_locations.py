@@ -160,3 +160,19 @@ def test_sibling_of_a_presigned_url_is_built_on_the_path() -> None:
     assert Location.parse("file:///a%20b/m.safetensors").sibling("m 2.json").url == "file:///a%20b/m%202.json"
     assert Location.parse("abfs://container@acct/m.safetensors").shown == "abfs://container@acct/m.safetensors"
     assert Location.parse("hf://datasets/org/repo@v1/m.safetensors").revision == "v1"
+
+
+def test_digest_writes_sidecars_only_into_the_output_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from stream_st import cli
+
+    out = tmp_path / "out" / "deep"
+    out.mkdir(parents=True)
+
+    def handle(client: Client) -> None:
+        client.send(ranged(SHARD, client.request))  # whatever the path asks for
+
+    with HostileServer(handle) as server:
+        assert cli.main(["digest", server.url("..%2F..%2Fevil.safetensors"), "--output-dir", str(out)]) == 1
+        assert cli.main(["digest", server.url("good%20one.safetensors"), "--output-dir", str(out)]) == 0
+    assert sorted(p.name for p in tmp_path.rglob("*.json")) == ["good one.safetensors.sha256.json"]
+    assert "refusing file name '../../evil.safetensors.sha256.json'" in capsys.readouterr().err
