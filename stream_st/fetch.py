@@ -59,7 +59,7 @@ class Stats:
 
 
 @dataclass(frozen=True)
-class Location:
+class Position:
     """Where a request stands, for messages: the tensor being filled, the range, the next byte wanted."""
 
     tensor: str | None
@@ -143,7 +143,7 @@ class Engine:
             source,
             lambda: source.probe(self.config.header_prefetch),
             cancelled,
-            lambda: Location(None, 0, self.config.header_prefetch, 0),
+            lambda: Position(None, 0, self.config.header_prefetch, 0),
         )
         waiting = asyncio.wrap_future(work)
         try:
@@ -204,10 +204,10 @@ class Engine:
                 self.stats.add(nbytes=reader.position - before)
                 stream.close(reusable=reader.position == part.end)
 
-        self._retrying(source, attempt, cancelled, reader.location)
+        self._retrying(source, attempt, cancelled, reader.where)
 
     def _retrying(
-        self, source: Source, attempt: Callable[[], T], cancelled: threading.Event, locate: Callable[[], Location]
+        self, source: Source, attempt: Callable[[], T], cancelled: threading.Event, locate: Callable[[], Position]
     ) -> T:
         """Call ``attempt`` until it succeeds, retrying transient faults with capped, jittered backoff."""
         failures = 0
@@ -267,9 +267,9 @@ class _PartReader:
         self._destination, self._scratch = destination, scratch
         self._progress = progress
 
-    def location(self) -> Location:
+    def where(self) -> Position:
         piece = next((p for p in self.part.pieces if p.end > self.position), self.part.pieces[-1])
-        return Location(str(piece.key), self.part.start, self.part.end, self.position)
+        return Position(str(piece.key), self.part.start, self.part.end, self.position)
 
     def read(self, stream: ByteStream, *, url: str) -> None:
         for piece in self.part.pieces:
@@ -305,7 +305,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _give_up(url: str, where: Location, attempts: int, exc: BaseException) -> FetchError:
+def _give_up(url: str, where: Position, attempts: int, exc: BaseException) -> FetchError:
     cls = IncompleteReadError if isinstance(exc, IncompleteReadError) else FetchError
     return cls(
         f"{url}: {where}: failed after {attempts} attempts ({where.end - where.position} bytes missing): "
