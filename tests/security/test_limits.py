@@ -235,3 +235,30 @@ def test_five_thousand_local_shards_load_under_a_1024_descriptor_limit(tmp_path:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("ok")
+
+
+def test_an_evicted_local_descriptor_is_reopened_only_for_the_same_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stream_st.sources import LocalSource, _OpenFiles
+
+    monkeypatch.setattr(_OpenFiles, "limit", staticmethod(lambda: 16))
+    paths = [write(tmp_path / f"m{i}.safetensors", DATA) for i in range(24)]
+    sources = [LocalSource(str(p)) for p in paths]
+    try:
+        for source in sources:
+            source.probe(64)
+        assert sum(s._fd is not None for s in sources) <= 16  # the first ones were closed
+        first, second = sources[0], sources[1]
+        assert first._fd is None and second._fd is None
+        buffer = bytearray(len(DATA))
+        stream = first.open_range(0, len(DATA))  # reopened: same inode, same version
+        assert stream.readinto(memoryview(buffer)) == len(DATA) and bytes(buffer) == DATA
+        stream.close(reusable=True)
+        replacement = write(tmp_path / "new.safetensors", checkpoint_bytes({"a": torch.zeros(10)}))
+        os.replace(replacement, paths[1])
+        with pytest.raises(sst.ObjectChangedError, match="replaced or modified"):
+            second.open_range(0, len(DATA))
+    finally:
+        for source in sources:
+            source.close()
