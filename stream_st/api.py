@@ -20,6 +20,7 @@ from .errors import ConfigError
 from .fetch import Engine, Stats
 from .header import Header
 from .integrity import VerifyOption, parse_digest
+from .location import redact
 from .modules import apply_state, tied_groups
 from .parallel import RegionOf, TensorParallel, load_raw, whole, with_regions
 from .progress import ProgressOption, make_progress
@@ -27,7 +28,6 @@ from .remote import RemoteFile
 from .select import Selection
 from .shards import Checkpoint, open_checkpoint
 from .sinks import OutputTensor
-from .transport import redact
 
 logger = logging.getLogger(__name__)
 

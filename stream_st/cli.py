@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from . import __version__
+from .location import scrub
 
 EXAMPLES = {
     "inspect": (
@@ -283,12 +284,15 @@ async def _digest(url: str, storage_options: dict[str, Any] | None) -> list[tupl
 def cmd_digest(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .integrity import SIDECAR_SUFFIX
+    from .integrity import SIDECAR_SUFFIX, sidecar_location
 
     sidecars = asyncio.run(_digest(args.url, _storage_options(args)))
     folder = Path(args.output_dir)
     for url, text in sidecars:
-        target = folder / (url.rsplit("/", 1)[-1] + SIDECAR_SUFFIX)
+        name = sidecar_location(url).name  # decoded: a name on disk, never a path that leaves --output-dir
+        if "/" in name or "\\" in name:
+            raise ValueError(f"{url}: cannot name a sidecar file after it")
+        target = folder / name
         target.write_text(text)
         print(f"{target}  (sha256 {json.loads(text)['sha256']} of {url})")
     print(f"put each sidecar next to its file (<file>{SIDECAR_SUFFIX}) to make loads of it verifiable")
@@ -378,7 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if args.debug:
             raise
-        print(f"stream-st: error: {exc}", file=sys.stderr)
+        # Messages carry display forms of URLs already; a third-party error may not: scrub the URL given.
+        print(f"stream-st: error: {scrub(str(exc), getattr(args, 'url', '') or '')}", file=sys.stderr)
         return 1
 
 

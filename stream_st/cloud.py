@@ -21,9 +21,10 @@ from typing import Any
 from urllib.parse import quote
 
 from .integrity import Digest, from_base64
+from .location import redact
 from .process_cache import ProcessCache
 from .sources import HttpSource
-from .transport import ConnectionPool, Endpoint, RangeStream, redact
+from .transport import ConnectionPool, Endpoint, RangeStream
 
 Signer = Callable[[], Endpoint]
 

@@ -34,9 +34,19 @@ class Config:
             Bytes past the header are kept for the first tensors; a partial load that skips them pulls at
             most this many bytes beyond the header.
         max_header_size: reject headers declaring more bytes than this (safetensors' own limit: 100 MB).
+        max_small_file_bytes: the largest index.json, digest sidecar or config.json read whole; checked
+            against the size the server declares before anything is allocated for it. 64 MiB: the largest
+            index we know of, DeepSeek-V3's (~92k tensors at ~100 bytes per ``weight_map`` entry), is about
+            9 MB, and a sidecar needs ~100 bytes per tensor; a hostile server cannot make a load allocate
+            more than this for a small file.
         retries: attempts after the first for one part; a retry asks only for the bytes still missing.
         backoff_base / backoff_max: capped exponential backoff with full jitter between attempts, seconds.
         stall_timeout: a connection that delivers no byte for this long is dropped and the part retried.
+        min_speed: bytes per second a request must average over every ``stall_timeout`` window (its
+            response headers within the first); a slower one is dropped (``SlowTransferError``) and retried,
+            so a server dribbling a byte a second ends the load after at most ``retries + 1`` windows. 16 KiB/s:
+            eight requests at that speed are ~1 Mbit/s, slower than any link a checkpoint is loaded over,
+            while a dribbling server stays far below it. 0 turns the rule off.
         connect_timeout: seconds to open a connection.
         timeout: optional deadline for a whole load, seconds.
         max_inflight_bytes: streaming APIs (``iter_tensors``) hold at most about this many fetched bytes
@@ -56,10 +66,12 @@ class Config:
     max_gap: int = 1 * MiB
     header_prefetch: int = 256 * 1024
     max_header_size: int = 100_000_000
+    max_small_file_bytes: int = 64 * MiB
     retries: int = 5
     backoff_base: float = 0.2
     backoff_max: float = 10.0
     stall_timeout: float = 30.0
+    min_speed: int = 16 * 1024
     connect_timeout: float = 10.0
     timeout: float | None = None
     max_inflight_bytes: int = 512 * MiB
@@ -75,11 +87,12 @@ class Config:
             "connect_timeout",
             "max_inflight_bytes",
             "pinned_pool_bytes",
+            "max_small_file_bytes",
         )
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"config {name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("max_gap", "retries", "backoff_base", "backoff_max"):
+        for name in ("max_gap", "retries", "backoff_base", "backoff_max", "min_speed"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"config {name} must be >= 0, got {getattr(self, name)!r}")
         if self.header_prefetch < 8:

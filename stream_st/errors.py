@@ -15,15 +15,19 @@ Every error derives from :class:`StreamSTError` and also from the builtin a call
     └── FetchError(OSError)                     bytes could not be fetched as asked
         ├── RangeNotSupportedError              the server ignored or mangled a Range request
         ├── IncompleteReadError                 a body ended before the bytes asked for arrived
+        ├── SlowTransferError(TimeoutError)     a server sent slower than ``min_speed`` (retried)
         └── ObjectChangedError                  the object changed while it was being loaded
 
 ``FileNotFoundError`` and ``PermissionError`` raised by the storage layer pass through unchanged
-(with the URL in their message). Errors carry ``url``, ``tensor``, ``start`` and ``end`` where known.
+(with the URL in their message). Errors carry ``url``, ``tensor``, ``start`` and ``end`` where known; a
+``url`` (like every message) is the display form of a location: no user info, no query string.
 """
 
 from __future__ import annotations
 
 from safetensors import SafetensorError
+
+from .location import redact
 
 
 class StreamSTError(SafetensorError):
@@ -39,7 +43,7 @@ class StreamSTError(SafetensorError):
         end: int | None = None,
     ) -> None:
         super().__init__(message)
-        self.url = url
+        self.url = redact(url) if url else url  # callers pass display forms; this makes sure
         self.tensor = tensor
         self.start = start
         self.end = end
@@ -90,6 +94,10 @@ class RangeNotSupportedError(FetchError):
 
 class IncompleteReadError(FetchError):
     """The response body ended before all requested bytes arrived."""
+
+
+class SlowTransferError(FetchError, TimeoutError):
+    """A server delivered fewer bytes than the ``min_speed`` rule asks for; the request is retried."""
 
 
 class ObjectChangedError(FetchError):

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from .config import Config
 from .errors import FetchError, IncompleteReadError
+from .location import redact_text
 from .plan import Part, Want, plan_parts
 from .progress import Progress
 from .sources import ByteStream, Probe, Source, read_exactly
@@ -60,7 +61,7 @@ class Stats:
 
 
 @dataclass(frozen=True)
-class Location:
+class Position:
     """Where a request stands, for messages: the tensor being filled, the range, the next byte wanted."""
 
     tensor: str | None
@@ -78,7 +79,9 @@ class Engine:
 
     def __init__(self, config: Config, stats: Stats | None = None) -> None:
         self.config = config
-        self.pool = ConnectionPool(connect_timeout=config.connect_timeout, read_timeout=config.stall_timeout)
+        self.pool = ConnectionPool(
+            connect_timeout=config.connect_timeout, read_timeout=config.stall_timeout, min_speed=config.min_speed
+        )
         self.stats = stats if stats is not None else Stats()
         self.progress: Progress | None = None  # set by the API for the duration of a load
         self._executor = ThreadPoolExecutor(max_workers=config.max_concurrency, thread_name_prefix="stream_st")
@@ -128,7 +131,7 @@ class Engine:
                 pending = await _reap(pending, asyncio.FIRST_EXCEPTION)
         except BaseException:
             cancelled.set()  # workers stop at their next chunk; wait so no thread writes after we return
-            self.pool.abort()  # and those blocked on a silent socket stop now
+            self.pool.abort(cancelled)  # and those blocked on a silent socket stop now
             if pending:
                 await asyncio.wait(pending)
                 for future in pending:  # consumed: the first error is the one that propagates
@@ -137,20 +140,27 @@ class Engine:
             raise
 
     async def probe(self, source: Source, length: int | None = None) -> Probe:
-        """The source's first ``length`` bytes (default ``header_prefetch``), size and version, retried
-        like any range."""
+        """The source's first ``length`` bytes (default ``header_prefetch``), size and version, retried like
+        any range. A cancel (``timeout=``, Ctrl-C) shuts its socket and waits for its thread, as ``fetch`` does."""
         length = self.config.header_prefetch if length is None else length
         cancelled = threading.Event()
+        work = self._executor.submit(
+            self._retrying,
+            source,
+            lambda: source.probe(length),
+            cancelled,
+            lambda: Position(None, 0, length, 0),
+        )
+        waiting = asyncio.wrap_future(work)
         try:
-            probe: Probe = await self.run(
-                self._retrying,
-                source,
-                lambda: source.probe(length),
-                cancelled,
-                lambda: Location(None, 0, length, 0),
-            )
+            probe: Probe = await asyncio.shield(waiting)
         except BaseException:
             cancelled.set()
+            self.pool.abort(cancelled)
+            if not waiting.done():  # an HTTP probe returns at once; an fsspec call is waited for, within bounds
+                await asyncio.wait({waiting}, timeout=self.config.stall_timeout)
+            if waiting.done() and not waiting.cancelled():
+                waiting.exception()  # consumed: the error that propagates is the first one
             raise
         self.stats.add(requests=1, nbytes=len(probe.prefix))
         return probe
@@ -202,10 +212,10 @@ class Engine:
                 self.stats.add(nbytes=reader.position - before)
                 stream.close(reusable=reader.position == part.end)
 
-        self._retrying(source, attempt, cancelled, reader.location)
+        self._retrying(source, attempt, cancelled, reader.where)
 
     def _retrying(
-        self, source: Source, attempt: Callable[[], T], cancelled: threading.Event, locate: Callable[[], Location]
+        self, source: Source, attempt: Callable[[], T], cancelled: threading.Event, locate: Callable[[], Position]
     ) -> T:
         """Call ``attempt`` until it succeeds, retrying transient faults with capped, jittered backoff."""
         failures = 0
@@ -213,7 +223,8 @@ class Engine:
             if cancelled.is_set():
                 raise LoadCancelledError()
             try:
-                return attempt()
+                with self.pool.tagged(cancelled):  # so that a cancel shuts this load's sockets only
+                    return attempt()
             except _RETRYABLE as exc:
                 failures += 1
                 where = locate()
@@ -264,9 +275,9 @@ class _PartReader:
         self._destination, self._scratch = destination, scratch
         self._progress = progress
 
-    def location(self) -> Location:
+    def where(self) -> Position:
         piece = next((p for p in self.part.pieces if p.end > self.position), self.part.pieces[-1])
-        return Location(str(piece.key), self.part.start, self.part.end, self.position)
+        return Position(str(piece.key), self.part.start, self.part.end, self.position)
 
     def read(self, stream: ByteStream, *, url: str) -> None:
         for piece in self.part.pieces:
@@ -298,10 +309,11 @@ async def _reap(pending: set[asyncio.Future[None]], when: str) -> set[asyncio.Fu
 
 
 def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    text = redact_text(str(exc))  # in case it holds text a server sent
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _give_up(url: str, where: Location, attempts: int, exc: BaseException) -> FetchError:
+def _give_up(url: str, where: Position, attempts: int, exc: BaseException) -> FetchError:
     cls = IncompleteReadError if isinstance(exc, IncompleteReadError) else FetchError
     return cls(
         f"{url}: {where}: failed after {attempts} attempts ({where.end - where.position} bytes missing): "

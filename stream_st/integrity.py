@@ -12,6 +12,7 @@ import binascii
 import hashlib
 import json
 import logging
+import re
 import threading
 import zlib
 from collections.abc import Iterable, Iterator
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from .errors import IntegrityError
+from .location import Location
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +102,7 @@ def from_base64(algorithm: str, value: str, origin: str) -> Digest:
     try:
         return Digest(algorithm, base64.b64decode(value, validate=True), origin)
     except binascii.Error:
-        raise ValueError(f"{origin}: {value!r} is not base64") from None
+        raise IntegrityError(f"{origin}: {value[:100]!r} is not base64") from None
 
 
 @dataclass
@@ -190,17 +192,49 @@ class Sidecar:
 
     @classmethod
     def parse(cls, raw: bytes, url: str) -> Sidecar:
+        """Read a sidecar; anything but the expected shape (sha256 hex digests, an integer size) is an
+        IntegrityError naming ``url`` (a display form), never a raw ValueError or RecursionError."""
         try:
             document = json.loads(raw)
-            return cls(str(document["sha256"]), int(document["size"]), dict(document["tensors"]))
+            sidecar = cls(document["sha256"], document["size"], document["tensors"])
+        except RecursionError:
+            raise IntegrityError(f"{url}: not a stream-st digest sidecar (JSON nested too deeply)", url=url) from None
         except (ValueError, KeyError, TypeError) as exc:
-            raise IntegrityError(f"{url}: not a stream-st digest sidecar ({exc})", url=url) from None
+            why = f"{type(exc).__name__}: {str(exc)[:200]}"
+            raise IntegrityError(f"{url}: not a stream-st digest sidecar ({why})", url=url) from None
+        wrong = sidecar._malformed()
+        if wrong:
+            raise IntegrityError(f"{url}: not a stream-st digest sidecar ({wrong})", url=url)
+        return sidecar
+
+    def _malformed(self) -> str | None:
+        if not _is_sha256(self.file_sha256):
+            return "'sha256' must be 64 hexadecimal digits"
+        if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 0:
+            return "'size' must be a non-negative integer"
+        if not isinstance(self.tensors, dict):
+            return "'tensors' must map tensor names to sha256 digests"
+        bad = next((name for name, value in self.tensors.items() if not _is_sha256(value)), None)
+        if bad is not None:
+            return f"the digest of tensor {str(bad)[:100]!r} is not 64 hexadecimal digits"
+        return None
 
     def dumps(self) -> str:
         return json.dumps({"sha256": self.file_sha256, "size": self.size, "tensors": self.tensors}, indent=1)
 
     def whole(self, url: str) -> Digest:
-        return Digest("sha256", bytes.fromhex(self.file_sha256), f"the sidecar {url}{SIDECAR_SUFFIX}")
+        return Digest("sha256", bytes.fromhex(self.file_sha256), f"the sidecar {sidecar_location(url).shown}")
+
+
+def sidecar_location(file: str | Location) -> Location:
+    """Where the sidecar of ``file`` is: ``<name>.sha256.json`` in the same folder, built on the path (a
+    presigned query string signs the file's own path only, so it is not carried over)."""
+    where = Location.parse(file)
+    return where.sibling(where.name + SIDECAR_SUFFIX)
+
+
+def _is_sha256(value: object) -> bool:
+    return isinstance(value, str) and re.fullmatch(r"[0-9a-fA-F]{64}", value) is not None
 
 
 def check_tensors(url: str, sidecar: Sidecar, tensors: Iterable[tuple[str, int, Memory]]) -> None:
@@ -212,7 +246,9 @@ def check_tensors(url: str, sidecar: Sidecar, tensors: Iterable[tuple[str, int, 
         hasher = hashlib.sha256()
         feed(hasher, memory, 0, size)
         got = hasher.hexdigest()
-        if got != expected:
+        if got != expected.lower():
             raise IntegrityError(
-                f"{url}: tensor {name!r} has sha256 {got}, but the sidecar says {expected}", url=url, tensor=name
+                f"{url}: tensor {name!r} has sha256 {got}, but the sidecar says {expected.lower()}",
+                url=url,
+                tensor=name,
             )

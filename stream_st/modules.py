@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .errors import ModelLoadError
-from .transport import redact
+from .location import redact
 
 SHOWN = 8  # names quoted in an error before "and N more"
 

@@ -33,11 +33,11 @@ from ._loop import gather_or_cancel, get_loop, on_loop_thread
 from .config import Config, resolve
 from .fetch import Engine, Stats
 from .header import TensorInfo
+from .location import redact
 from .plan import Want
 from .remote import RemoteFile
 from .select import Selection
 from .shards import open_checkpoint
-from .transport import redact
 
 logger = logging.getLogger(__name__)
 

@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .location import redact
+
 ProgressCallback = Callable[[int, int], None]
 ProgressOption = bool | ProgressCallback | None
 
@@ -43,6 +45,7 @@ def make_progress(option: ProgressOption, total: int, description: str) -> Progr
     a callable: called as ``callback(bytes_done, bytes_total)`` from worker threads."""
     if option is False or total == 0:
         return None
+    description = redact(description.partition("?")[0])  # a label is output too: no query, no user info
     if callable(option):
         return Progress(total, option)
     if option is None and not sys.stderr.isatty():

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import held
 from ._loop import warn_caller
-from .errors import ConfigError, IntegrityError, IntegrityWarning, ObjectChangedError
+from .errors import ConfigError, FetchError, IntegrityError, IntegrityWarning, ObjectChangedError
 from .fetch import Engine
 from .header import LENGTH_PREFIX, Header, TensorInfo, declared_header_size, parse_header
 from .integrity import (
@@ -20,6 +20,7 @@ from .integrity import (
     VerifyOption,
     check_tensors,
     parse_digest,
+    sidecar_location,
 )
 from .plan import Want
 from .regions import Region
@@ -303,12 +304,16 @@ class RemoteFile:
         return hasher
 
     async def _sidecar(self) -> Sidecar | None:
-        location = (self.source.pinned_url() or self._location) + SIDECAR_SUFFIX  # the file's own version
+        """``<file>.sha256.json`` next to the file (of the file's own version where the store pins one), or
+        None when there is none. A refused one counts as absent: a presigned URL's signature covers its
+        own path only, and S3 answers 403 for a missing key to a client that may not list the bucket."""
+        where = sidecar_location(self.source.pinned_url() or self._location)
         try:
-            raw = await read_whole(location, self.engine, self._storage_options)
-        except FileNotFoundError:
+            raw = await read_whole(where.url, self.engine, self._storage_options)
+        except (FileNotFoundError, PermissionError) as exc:
+            logger.debug("%s: no sidecar (%s)", where.shown, type(exc).__name__)
             return None
-        return Sidecar.parse(raw, location)
+        return Sidecar.parse(raw, where.shown)
 
     async def _sidecar_for_partial(self, verify: VerifyOption) -> Sidecar | None:
         """Per-tensor digests for a partial load; without them, warn (verify=True) or fail ("strict")."""
@@ -373,9 +378,16 @@ async def read_whole_pinned(
     url: str, engine: Engine, storage_options: Mapping[str, Any] | None
 ) -> tuple[bytes, str | None]:
     """``read_whole``, and the URL naming the version read where the store has one (``Source.pinned_url``)."""
-    source = await engine.run(lambda: open_source(url, engine.pool, storage_options, direct=engine.config.direct_http))
+    config = engine.config
+    source = await engine.run(lambda: open_source(url, engine.pool, storage_options, direct=config.direct_http))
     try:
         probe = await engine.probe(source)
+        if probe.size > config.max_small_file_bytes:  # the size a server declared: checked before allocating
+            raise FetchError(
+                f"{source.url}: {probe.size} bytes, more than max_small_file_bytes={config.max_small_file_bytes} "
+                "allows for an index, a digest sidecar or a config.json",
+                url=source.url,
+            )
         return await _extend(engine, source, probe.prefix, probe.size), source.pinned_url()
     finally:
         source.close()

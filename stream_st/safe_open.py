@@ -17,10 +17,10 @@ from .errors import HandleClosedError
 from .fetch import Engine
 from .header import TensorInfo
 from .integrity import VerifyOption
+from .location import redact
 from .regions import Region
 from .remote import RemoteFile
 from .shards import Checkpoint, open_checkpoint
-from .transport import redact
 
 Index = Any  # what tensor[...] accepts
 T = TypeVar("T")

@@ -15,14 +15,13 @@ import os
 import posixpath
 from collections.abc import Iterable, Mapping
 from typing import Any
-from urllib.parse import urlsplit
 
 from ._loop import gather_or_cancel
 from .errors import HeaderError, TensorNotFoundError
 from .fetch import Engine
+from .location import Location, inside
 from .remote import RemoteFile, read_whole_pinned
 from .select import Selection, select
-from .transport import redact
 
 logger = logging.getLogger(__name__)
 
@@ -129,78 +128,82 @@ class Checkpoint:
 async def open_checkpoint(url: str, engine: Engine, storage_options: Mapping[str, Any] | None) -> Checkpoint:
     """Discover what ``url`` names: one file, an index, or a folder holding either."""
     options = dict(storage_options or {})
-    path = urlsplit(url).path if "://" in url else url
-    if path.endswith(".json"):
-        return await _from_index(url, engine, options)
-    if path.endswith(SUFFIX):
-        return Checkpoint(url, engine, options, [url])
-    base = url.rstrip("/")
-    scheme = urlsplit(base).scheme if "://" in base else ""
-    if scheme in ("http", "https"):
-        return await _guess_http_folder(base, engine, options)
-    if scheme not in ("", "file", "local"):
+    where = Location.parse(url)
+    if where.path.endswith(".json"):
+        return await _from_index(where, engine, options)
+    local = where.local_path
+    if where.path.endswith(SUFFIX) or (local is not None and os.path.exists(local) and not os.path.isdir(local)):
+        return Checkpoint(where.shown, engine, options, [url])
+    if where.scheme in ("http", "https"):
+        return await _guess_http_folder(where, engine, options)
+    if where.scheme not in ("", "file", "local"):
         # An object store or repo: its index, where it has one, in one GET; the listing that would find it
         # there imports the protocol's filesystem (s3fs, gcsfs, HfFileSystem: 0.2-0.4 s) and costs a request.
         with contextlib.suppress(FileNotFoundError):
-            return await _from_index(f"{base}/{INDEX_NAME}", engine, options)
-    names = await engine.run(_list_folder, base, options)
+            return await _from_index(where.child(INDEX_NAME), engine, options)
+    names = await engine.run(_list_folder, where, options)
     if INDEX_NAME in names:
-        return await _from_index(f"{base}/{INDEX_NAME}", engine, options)
-    shards = [f"{base}/{name}" for name in names if name.endswith(SUFFIX)]
+        return await _from_index(where.child(INDEX_NAME), engine, options)
+    shards = [where.child(name).url for name in names if name.endswith(SUFFIX) and _listable(where, name)]
     if not shards:
-        raise FileNotFoundError(f"{redact(url)}: no {INDEX_NAME} and no *{SUFFIX} files there")
-    return Checkpoint(redact(base), engine, options, shards)
+        raise FileNotFoundError(f"{where.shown}: no {INDEX_NAME} and no *{SUFFIX} files there")
+    return Checkpoint(where.shown.rstrip("/"), engine, options, shards)
 
 
-async def _guess_http_folder(base: str, engine: Engine, options: dict[str, Any]) -> Checkpoint:
+async def _guess_http_folder(where: Location, engine: Engine, options: dict[str, Any]) -> Checkpoint:
     """A plain HTTP server cannot list a folder: try the transformers names, the index first."""
     try:
-        return await _from_index(f"{base}/{INDEX_NAME}", engine, options)
+        return await _from_index(where.child(INDEX_NAME), engine, options)
     except FileNotFoundError:
-        single = f"{base}/model{SUFFIX}"
-        return Checkpoint(single, engine, options, [single])
+        single = where.child(f"model{SUFFIX}")
+        return Checkpoint(single.shown, engine, options, [single.url])
 
 
-async def _from_index(url: str, engine: Engine, options: dict[str, Any]) -> Checkpoint:
-    raw, pinned = await read_whole_pinned(url, engine, options)
+async def _from_index(where: Location, engine: Engine, options: dict[str, Any]) -> Checkpoint:
+    raw, pinned = await read_whole_pinned(where.url, engine, options)
     try:
         index = json.loads(raw)
         weight_map = index["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise TypeError("weight_map must map tensor names to file names")
-    except (ValueError, KeyError, TypeError) as exc:
-        raise HeaderError(f"{redact(url)}: not a safetensors index ({type(exc).__name__}: {exc})", url=url) from None
+        metadata = index.get("metadata")
+    except RecursionError:
+        raise HeaderError(f"{where.shown}: not a safetensors index (JSON nested too deeply)", url=where.shown) from None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        why = f"{type(exc).__name__}: {str(exc)[:200]}"
+        raise HeaderError(f"{where.shown}: not a safetensors index ({why})", url=where.shown) from None
     # Shards are read from the version the index came from (a Hub commit), not from a branch that may move.
-    base = (pinned or url).rsplit("/", 1)[0] if "/" in url else "."
-    files = {name: _join(base, name) for name in dict.fromkeys(weight_map.values())}
+    folder = Location.parse(pinned or where.url).folder()
+    files = {name: folder.child(name).url for name in dict.fromkeys(weight_map.values())}  # checked: inside
     shards = sorted(files.values())
     return Checkpoint(
-        redact(url),
+        where.shown,
         engine,
         options,
         shards,
         {tensor: files[f] for tensor, f in weight_map.items()},
-        index.get("metadata"),
+        metadata,
     )
 
 
-def _join(base: str, name: str) -> str:
-    if "://" in name or name.startswith("/"):
-        raise HeaderError(f"{base}: index names a shard outside its folder: {name!r}", url=base)
-    normalized = posixpath.normpath(name)
-    if normalized.startswith(".."):
-        raise HeaderError(f"{base}: index names a shard outside its folder: {name!r}", url=base)
-    return f"{base}/{normalized}"
+def _listable(folder: Location, name: str) -> bool:
+    """Whether a listed file name passes the inside-the-folder check (an odd name is skipped, not fatal)."""
+    try:
+        inside(folder, name)
+    except HeaderError:
+        logger.debug("%s: skipping listed file %r", folder.shown, name)
+        return False
+    return True
 
 
-def _list_folder(base: str, options: dict[str, Any]) -> list[str]:
+def _list_folder(where: Location, options: dict[str, Any]) -> list[str]:
     """File names in a folder, prefix or repo, sorted."""
-    if "://" not in base or base.startswith("file://"):
-        folder = urlsplit(base).path if base.startswith("file://") else base
+    folder = where.local_path
+    if folder is not None:
         if not os.path.isdir(folder):
-            raise FileNotFoundError(f"{base}: no such file or folder")
+            raise FileNotFoundError(f"{where.shown}: no such file or folder")
         return sorted(os.listdir(folder))
     import fsspec
 
-    fs, path = fsspec.core.url_to_fs(base, **options)
+    fs, path = fsspec.core.url_to_fs(where.url, **options)
     return sorted(posixpath.basename(entry.rstrip("/")) for entry in fs.ls(path, detail=False))

@@ -8,17 +8,19 @@ worker threads, the stream writing into caller memory).
 from __future__ import annotations
 
 import os
+import resource
 import stat
 import threading
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import unquote, urlsplit
 
-from .errors import IncompleteReadError, ObjectChangedError, RangeNotSupportedError
+from .errors import FetchError, IncompleteReadError, ObjectChangedError, RangeNotSupportedError
 from .integrity import Digest
-from .transport import ConnectionPool, Endpoint, RangeStream, open_range, redact
+from .location import Location, redact
+from .transport import ConnectionPool, Endpoint, RangeStream, open_range
 
 
 class ByteStream(Protocol):
@@ -107,8 +109,8 @@ class HttpSource(Source):
     def probe(self, length: int) -> Probe:
         stream, total = open_range(self._pool, self.endpoint, 0, length, size=None, etag=None)
         want = min(length, total)
-        prefix = bytearray(want)
         try:
+            prefix = bytearray(want)
             read_exactly(stream, memoryview(prefix), url=self.url, start=0)
         except BaseException:
             stream.close(reusable=False)
@@ -131,9 +133,11 @@ class HttpSource(Source):
 
 
 class _FileRange:
-    """Positional reads (``preadv``) from an open file straight into caller memory."""
+    """Positional reads (``preadv``) from an open file straight into caller memory; holds the file's
+    descriptor open (see ``_OpenFiles``) until closed."""
 
-    def __init__(self, fd: int, start: int, end: int) -> None:
+    def __init__(self, source: LocalSource, fd: int, start: int, end: int) -> None:
+        self._source: LocalSource | None = source
         self._fd, self._position, self._end = fd, start, end
 
     def readinto(self, buffer: memoryview) -> int:
@@ -145,44 +149,137 @@ class _FileRange:
         return got
 
     def close(self, *, reusable: bool) -> None:
-        pass
+        if self._source is not None:
+            _open_files.done(self._source)
+            self._source = None
+
+
+class _OpenFiles:
+    """Bounds the descriptors local sources hold open: a checkpoint of 5,000 local shards must load under
+    ``ulimit -n 1024``. Each source keeps its descriptor while in use and after (reads through one
+    descriptor see one inode); past the limit, the least recently used idle one is closed, and reopened
+    when needed, which fails with ObjectChangedError if the path now names another file or version."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: OrderedDict[LocalSource, int] = OrderedDict()  # source -> readers using its descriptor
+
+    def use(self, source: LocalSource) -> int:
+        """The source's open descriptor (reopened if it was closed), held until ``done``."""
+        with self._lock:
+            if source._fd is None:
+                self._make_room()
+                source._fd = source._reopen()
+            self._open[source] = self._open.get(source, 0) + 1
+            self._open.move_to_end(source)
+            return source._fd
+
+    def done(self, source: LocalSource) -> None:
+        with self._lock:
+            if source in self._open:
+                self._open[source] = max(0, self._open[source] - 1)
+
+    def forget(self, source: LocalSource) -> None:
+        with self._lock:
+            self._open.pop(source, None)
+            fd, source._fd = source._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    @staticmethod
+    def limit() -> int:
+        """A quarter of the process's descriptor limit (read each time: a program may lower it), at most
+        1024: room for sockets, the caller's own files and the files of other loads."""
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return max(16, min(1024, soft // 4)) if soft > 0 else 1024
+
+    def _make_room(self) -> None:
+        excess = len(self._open) - self.limit() + 1
+        for idle in [s for s, users in self._open.items() if not users][: max(0, excess)]:
+            del self._open[idle]
+            if idle._fd is not None:
+                os.close(idle._fd)
+                idle._fd = None
+
+    def reset_after_fork(self) -> None:
+        self._lock = threading.Lock()
+
+
+_open_files = _OpenFiles()
+os.register_at_fork(after_in_child=_open_files.reset_after_fork)
 
 
 class LocalSource(Source):
-    """A local path or file:// URL, read with positional reads from one descriptor.
+    """A local path or file:// URL, read with positional reads.
 
     Reads through one open descriptor see one inode: a file replaced by rename mid-load is still read
-    whole and consistent; an in-place rewrite is caught by comparing size and mtime at the end.
+    whole and consistent; an in-place rewrite is caught by comparing size and mtime at the end. Anything
+    but a regular file (a FIFO, a device) is refused without blocking on it.
     """
 
     version_is_global = False
 
     def __init__(self, url: str) -> None:
-        self.url = url
-        self.path = unquote(urlsplit(url).path) if url.startswith("file://") else url
+        where = Location.parse(url)
+        self.url = where.shown
+        self.path = where.local_path or url
         self._fd: int | None = None
+        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) the probe saw
+
+    def _reopen(self) -> int:
+        """Open the path without blocking (a FIFO would wait for a writer), check it is a regular file
+        and, after the first open, the same file and version as before."""
+        if "\x00" in self.path:
+            raise FetchError(f"{self.url}: a path cannot hold a NUL byte", url=self.url)
+        fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)  # FileNotFoundError etc. pass
+        try:
+            info = os.fstat(fd)
+            if stat.S_ISDIR(info.st_mode):
+                raise IsADirectoryError(f"{self.url}: is a directory, not a safetensors file")
+            if not stat.S_ISREG(info.st_mode):
+                raise FetchError(f"{self.url}: not a regular file ({_file_kind(info.st_mode)})", url=self.url)
+            if self._identity is not None and (
+                (info.st_dev, info.st_ino) != self._identity or _file_version(info) != self.version
+            ):
+                raise ObjectChangedError(f"{self.url}: file was replaced or modified during the load", url=self.url)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def probe(self, length: int) -> Probe:
-        self._fd = os.open(self.path, os.O_RDONLY)  # FileNotFoundError / PermissionError pass through
-        info = os.fstat(self._fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise IsADirectoryError(f"{self.url}: not a regular file")
-        want = min(length, info.st_size)
-        prefix = os.pread(self._fd, want, 0)
+        fd = _open_files.use(self)
+        try:
+            info = os.fstat(fd)
+            self._identity = (info.st_dev, info.st_ino)
+            want = min(length, info.st_size)
+            prefix = os.pread(fd, want, 0)
+        finally:
+            _open_files.done(self)
         return self._remember(Probe(prefix, info.st_size, _file_version(info)))
 
     def open_range(self, start: int, end: int) -> _FileRange:
-        assert self._fd is not None, "probe() first"
-        return _FileRange(self._fd, start, end)
+        assert self._identity is not None, "probe() first"
+        return _FileRange(self, _open_files.use(self), start, end)
 
     def check_unchanged(self) -> None:
-        if self._fd is not None and _file_version(os.fstat(self._fd)) != self.version:
-            raise ObjectChangedError(f"{self.url}: file was modified during the load", url=self.url)
+        fd = _open_files.use(self)
+        try:
+            if _file_version(os.fstat(fd)) != self.version:
+                raise ObjectChangedError(f"{self.url}: file was modified during the load", url=self.url)
+        finally:
+            _open_files.done(self)
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        _open_files.forget(self)
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    for test, kind in (*kinds, (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"
 
 
 def _file_version(info: os.stat_result) -> str:
@@ -246,7 +343,7 @@ def open_source(
     """The source for ``url``: http(s), s3, gs and hf on the threaded data plane (``direct``), local files
     by path, anything else through fsspec's ``cat_file``."""
     options = dict(storage_options or {})
-    scheme = urlsplit(url).scheme.lower() if "://" in url else ""
+    scheme = Location.parse(url).scheme
     if scheme in ("http", "https"):
         if direct and ".blob." in url.split("/", 3)[2]:  # https://ACCOUNT.blob.core.windows.net/...: signed
             from .cloud import cloud_source

@@ -15,12 +15,15 @@ import re
 import socket
 import ssl
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import SplitResult, urljoin, urlsplit
 
-from .errors import FetchError, ObjectChangedError, RangeNotSupportedError
+from .errors import FetchError, ObjectChangedError, RangeNotSupportedError, SlowTransferError
+from .location import redact, redact_text
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +32,10 @@ _CONTENT_RANGE_UNSATISFIED = re.compile(r"bytes \*/(\d+)")
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-_CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
+# Headers that may follow a redirect to another origin: the ones every request gets from us. Everything
+# else in a request (Authorization, Cookie, a caller's X-Api-Key, a Hub or GCS token) is for the origin only.
+_PER_REQUEST_HEADERS = frozenset({"range", "if-match", "user-agent"})
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 _HUB_NOT_FOUND = frozenset({"RepoNotFound", "RevisionNotFound", "EntryNotFound"})
 
 
@@ -58,30 +64,60 @@ class Endpoint:
         return f"Endpoint({self.shown!r}, headers=<{len(self.headers)} hidden>)"
 
 
-def redact(url: str) -> str:
-    """The URL without its query string and user info, which may hold signatures or passwords."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return f"{parts.scheme}://{host}{parts.path}" if parts.scheme else url
+__all__ = ["redact"]  # re-exported: the display form lives in location.py
+
+
+class _Watch:
+    """Progress of one connection in use: bytes received, and the window the watchdog last checked."""
+
+    __slots__ = ("tag", "received", "baseline", "since", "cut")
+
+    def __init__(self, tag: object) -> None:
+        self.tag = tag
+        self.received = 0  # only the thread reading the connection adds to it
+        self.baseline = 0  # ``received`` when the current window began; only the watchdog moves it
+        self.since = time.monotonic()
+        self.cut = False
 
 
 class ConnectionPool:
-    """Idle keep-alive connections per (scheme, host, port), shared by the worker threads of one engine."""
+    """Idle keep-alive connections per (scheme, host, port), shared by the worker threads of one engine.
 
-    def __init__(self, *, connect_timeout: float, read_timeout: float) -> None:
+    Connections in use are watched: with ``min_speed`` > 0, one that delivers fewer than ``min_speed``
+    bytes per second over a window of ``read_timeout`` seconds (its response headers count as nothing, so
+    they must come within the first window) is shut down by a watchdog thread, and the read fails with
+    SlowTransferError (retried like a stall). The socket timeout alone cannot catch a server that sends
+    one byte a second: each byte restarts it."""
+
+    def __init__(self, *, connect_timeout: float, read_timeout: float, min_speed: int = 0) -> None:
         self._idle: dict[tuple[str, str, int], list[http.client.HTTPConnection]] = {}
         self._lock = threading.Lock()
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
+        self._min_speed = min_speed
         self._ssl_context: ssl.SSLContext | None = None
-        self._busy: set[http.client.HTTPConnection] = set()
+        self._busy: dict[http.client.HTTPConnection, _Watch] = {}
+        self._local = threading.local()  # the tag of what the current thread's requests serve
+        self._stop = threading.Event()
+        self._watchdog: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def tagged(self, tag: object) -> Iterator[None]:
+        """Connections this thread acquires inside are marked with ``tag``, for ``abort(tag)``."""
+        previous = getattr(self._local, "tag", None)
+        self._local.tag = tag
+        try:
+            yield
+        finally:
+            self._local.tag = previous
 
     def acquire(self, scheme: str, host: str, port: int) -> http.client.HTTPConnection:
         conn = self._checkout(scheme, host, port)
         with self._lock:
-            self._busy.add(conn)
+            self._busy[conn] = _Watch(getattr(self._local, "tag", None))
+            if self._min_speed and self._watchdog is None and not self._stop.is_set():
+                self._watchdog = threading.Thread(target=self._watch, name="stream_st-watchdog", daemon=True)
+                self._watchdog.start()
         return conn
 
     def _checkout(self, scheme: str, host: str, port: int) -> http.client.HTTPConnection:
@@ -99,31 +135,75 @@ class ConnectionPool:
             conn = http.client.HTTPConnection(host, port, timeout=self._connect_timeout)
         return conn
 
+    def received(self, conn: http.client.HTTPConnection, nbytes: int) -> bool:
+        """Count ``nbytes`` read from ``conn``; False if the watchdog has cut it for being too slow."""
+        watch = self._busy.get(conn)
+        if watch is None:
+            return True
+        watch.received += nbytes
+        return not watch.cut
+
+    def was_cut(self, conn: http.client.HTTPConnection) -> bool:
+        watch = self._busy.get(conn)
+        return watch is not None and watch.cut
+
     def release(self, scheme: str, host: str, port: int, conn: http.client.HTTPConnection) -> None:
         with self._lock:
-            self._busy.discard(conn)
+            self._busy.pop(conn, None)
             self._idle.setdefault((scheme, host, port), []).append(conn)
 
-    def abort(self) -> None:
-        """Shut down every connection in use, so that threads blocked reading it return at once (a
-        cancelled load must not wait up to ``stall_timeout`` for a silent server)."""
+    def discard(self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse | None = None) -> None:
+        """Close a connection that will not be reused (its response, if any, may be unread)."""
         with self._lock:
-            busy, self._busy = self._busy, set()
-        for conn in busy:
-            sock = conn.sock
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+            self._busy.pop(conn, None)
+        if response is not None:
+            response.close()  # the response holds the socket open too
+        conn.close()
+
+    def abort(self, tag: object = None) -> None:
+        """Shut down every connection in use (with ``tag``: those acquired under it), so that threads
+        blocked reading them return at once: a cancelled load must not wait up to ``stall_timeout``."""
+        with self._lock:
+            chosen = [conn for conn, watch in self._busy.items() if tag is None or watch.tag is tag]
+        for conn in chosen:
+            _shutdown(conn)
 
     def close(self) -> None:
+        self._stop.set()
         with self._lock:
             idle, self._idle = self._idle, {}
+            watchdog, self._watchdog = self._watchdog, None
         for conns in idle.values():
             for conn in conns:
                 conn.close()
+        if watchdog is not None and watchdog is not threading.current_thread():
+            watchdog.join(timeout=1.0)  # it wakes at once on ``_stop``
 
     def read_timeout(self) -> float:
         return self._read_timeout
+
+    def _watch(self) -> None:
+        window = self._read_timeout
+        floor = self._min_speed * window
+        while not self._stop.wait(min(1.0, window / 4)):
+            now = time.monotonic()
+            with self._lock:
+                watched = list(self._busy.items())
+            for conn, watch in watched:
+                if now - watch.since < window:
+                    continue
+                if watch.received - watch.baseline < floor:
+                    watch.cut = True
+                    _shutdown(conn)
+                else:
+                    watch.baseline, watch.since = watch.received, now
+
+
+def _shutdown(conn: http.client.HTTPConnection) -> None:
+    sock = conn.sock
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 class RangeStream:
@@ -157,18 +237,63 @@ class RangeStream:
     def readinto(self, buffer: memoryview) -> int:
         while self._skip:
             scratch = bytearray(min(self._skip, 1 << 20))
-            got = self._response.readinto(scratch)
+            got = self._read(memoryview(scratch))
             if not got:
                 return 0
             self._skip -= got
-        return self._response.readinto(buffer)
+        return self._read(buffer)
+
+    def _read(self, buffer: memoryview) -> int:
+        try:
+            got = self._response.readinto(buffer)
+        except (OSError, http.client.HTTPException):
+            if self._pool.was_cut(self._conn):
+                raise self._too_slow() from None
+            raise
+        if not self._pool.received(self._conn, got):
+            raise self._too_slow()
+        return got
+
+    def _too_slow(self) -> SlowTransferError:
+        shown = self.endpoint.shown
+        return SlowTransferError(f"{shown}: the server sent too slowly (min_speed); connection dropped", url=shown)
 
     def close(self, *, reusable: bool) -> None:
         """Return the connection to the pool if the body was read to its end, else drop it."""
         if reusable and self._response.isclosed() and not self._response.will_close:
             self._pool.release(*self._key, self._conn)
         else:
-            _drop(self._conn, self._response)
+            self._pool.discard(self._conn, self._response)
+
+
+def _split(url: str, shown: str) -> tuple[SplitResult, int]:
+    """``url`` split, with its effective port; a URL http.client cannot address is a FetchError."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or _DEFAULT_PORTS.get(parts.scheme.lower(), 0)
+    except ValueError:
+        raise FetchError(f"{shown}: not a valid http(s) URL: {redact(url)}", url=shown) from None
+    if parts.scheme.lower() not in _DEFAULT_PORTS:
+        raise FetchError(f"{shown}: refusing to follow {redact(url)}: only http and https are fetched", url=shown)
+    if not parts.hostname:
+        raise FetchError(f"{shown}: no host in {redact(url)}", url=shown)
+    return parts, port
+
+
+def _keeps_credentials(old: SplitResult, old_port: int, new: SplitResult, new_port: int) -> bool:
+    """May a redirect from ``old`` to ``new`` carry the request's credentials? Only to the same origin
+    (scheme, host, effective port), or to https on the same host (same port, or 80 to 443): the rule of
+    browsers and httpx. A downgrade to http would send them in clear text; another host is not theirs."""
+    if (old.hostname or "").lower() != (new.hostname or "").lower():
+        return False
+    old_scheme, new_scheme = old.scheme.lower(), new.scheme.lower()
+    if old_scheme == new_scheme:
+        return old_port == new_port
+    return (
+        old_scheme == "http"
+        and new_scheme == "https"
+        and (old_port == new_port or (old_port == 80 and new_port == 443))
+    )
 
 
 def open_range(
@@ -195,35 +320,40 @@ def open_range(
         headers["If-Match"] = etag
     shown = endpoint.shown
     redirects: list[http.client.HTTPMessage] = []
+    parts, port = _split(url, shown)
     for _ in range(MAX_REDIRECTS + 1):
-        parts = urlsplit(url)
-        scheme = parts.scheme
-        host = parts.hostname or ""
-        port = parts.port or (443 if scheme == "https" else 80)
+        scheme, host = parts.scheme.lower(), parts.hostname or ""
         target = parts.path or "/"
         if parts.query:
             target += "?" + parts.query
         conn = pool.acquire(scheme, host, port)
         try:
-            response = _send(conn, target, headers, pool.read_timeout())
-        except BaseException:
-            conn.close()
+            response = _send(conn, target, headers, pool.read_timeout(), shown)
+        except BaseException as exc:
+            cut = pool.was_cut(conn)
+            pool.discard(conn)
+            if cut and isinstance(exc, OSError | http.client.HTTPException):
+                raise SlowTransferError(f"{shown}: no response headers within the first window", url=shown) from None
             raise
         status = response.status
         logger.debug("GET %s bytes=%d-%d -> %d", redact(url), start, end - 1, status)
         if status in _REDIRECTS and response.getheader("Location"):
-            location = urljoin(url, response.getheader("Location", ""))
             redirects.append(response.headers)
-            _drop(conn, response)  # a redirect's body is of no use
-            if urlsplit(location).netloc != parts.netloc:
-                # Credentials are for the origin; a CDN or presigned target must not receive them.
-                headers = {k: v for k, v in headers.items() if k.lower() not in _CREDENTIAL_HEADERS}
-            url = location
+            pool.discard(conn, response)  # a redirect's body is of no use
+            try:
+                location = urljoin(url, response.getheader("Location", ""))
+            except ValueError:
+                raise FetchError(f"{shown}: the server redirected to an invalid location", url=shown) from None
+            new_parts, new_port = _split(location, shown)
+            if not _keeps_credentials(parts, port, new_parts, new_port):
+                # Credentials are for the origin; a CDN, a presigned target or plain http must not get them.
+                headers = {k: v for k, v in headers.items() if k.lower() in _PER_REQUEST_HEADERS}
+            url, parts, port = location, new_parts, new_port
             continue
         try:
             total = _check(response, shown, start, end, size=size, etag=etag, ranged=ranged)
         except BaseException:
-            _drop(conn, response)
+            pool.discard(conn, response)
             raise
         skip = start if status == 200 and start else 0
         headers.pop("Range", None)
@@ -234,18 +364,26 @@ def open_range(
 
 
 def _send(
-    conn: http.client.HTTPConnection, target: str, headers: Mapping[str, str], read_timeout: float
+    conn: http.client.HTTPConnection, target: str, headers: Mapping[str, str], read_timeout: float, shown: str
 ) -> http.client.HTTPResponse:
-    conn.request("GET", target, headers=dict(headers))
+    # The errors below are raised outside their ``except`` so that they carry no context: http.client's
+    # messages quote the URL, a header value or what the server sent, any of which may hold a secret.
+    try:
+        conn.request("GET", target, headers=dict(headers))
+        failure = None
+    except socket.gaierror:
+        failure = FetchError(f"{shown}: cannot resolve the host of the request", url=shown)
+    except (http.client.InvalidURL, ValueError):
+        failure = FetchError(f"{shown}: the URL or a header holds characters HTTP does not allow", url=shown)
+    if failure is not None:
+        raise failure
     if conn.sock is not None:
         conn.sock.settimeout(read_timeout)  # a stalled body raises socket.timeout instead of hanging
-    return conn.getresponse()
-
-
-def _drop(conn: http.client.HTTPConnection, response: http.client.HTTPResponse) -> None:
-    """Close a connection whose response may be unread: the response holds the socket open too."""
-    response.close()
-    conn.close()
+    try:
+        return conn.getresponse()
+    except http.client.HTTPException as exc:  # BadStatusLine, LineTooLong...: retried, as they were
+        kind = type(exc).__name__
+    raise ConnectionError(f"{shown}: malformed HTTP response ({kind})")
 
 
 def _check(
@@ -264,7 +402,9 @@ def _check(
     context: dict[str, Any] = {"url": url, "start": start, "end": end}
     hub_error = response.getheader("X-Error-Code")  # the Hub answers 401 for repos it will not reveal
     if status == 404 or hub_error in _HUB_NOT_FOUND:
-        detail = f"{hub_error}: {response.getheader('X-Error-Message', '')}".rstrip(": ") if hub_error else "HTTP 404"
+        detail = "HTTP 404"
+        if hub_error in _HUB_NOT_FOUND:  # the message is the server's text: it may echo the request
+            detail = f"{hub_error}: {redact_text(response.getheader('X-Error-Message', ''))}".rstrip(": ")
         raise FileNotFoundError(f"{url}: not found ({detail})")
     if status in (401, 403):
         raise PermissionError(f"{url}: access denied (HTTP {status}); check the credentials")
@@ -274,7 +414,7 @@ def _check(
         )
     if status in RETRY_STATUSES:
         raise RetryableStatusError(
-            f"{url}: HTTP {status} {response.reason} for {asked}",
+            f"{url}: HTTP {_phrase(status)} for {asked}",
             retry_after=_retry_after(response.getheader("Retry-After")),
             **context,
         )
@@ -290,8 +430,9 @@ def _check(
         )
     got_etag = response.getheader("ETag")
     if etag and got_etag and got_etag != etag:
-        raise ObjectChangedError(f"{url}: object changed during the load (ETag {etag} became {got_etag})", **context)
-    length = response.getheader("Content-Length")
+        became = redact_text(got_etag, 100)
+        raise ObjectChangedError(f"{url}: object changed during the load (ETag {etag} became {became})", **context)
+    length = _content_length(response, url, context)
     if status == 206:
         match = _CONTENT_RANGE.fullmatch(response.getheader("Content-Range", ""))
         if not match or match.group(3) == "*":
@@ -302,7 +443,7 @@ def _check(
         expected_last = end - 1 if size is not None else min(end, total) - 1
         if first != start or last != expected_last:
             raise RangeNotSupportedError(f"{url}: asked for {asked}, server sent bytes {first}-{last}", **context)
-        if length is not None and int(length) != last - first + 1:
+        if length is not None and length != last - first + 1:
             raise RangeNotSupportedError(
                 f"{url}: Content-Length {length} disagrees with Content-Range bytes {first}-{last}", **context
             )
@@ -312,7 +453,7 @@ def _check(
     if status == 200:
         if length is None:
             raise RangeNotSupportedError(f"{url}: 200 answer without Content-Length to {asked}", **context)
-        total = int(length)
+        total = length
         whole = start == 0 and size is not None and end == size
         if ranged and not whole and size is not None:
             raise RangeNotSupportedError(
@@ -321,7 +462,26 @@ def _check(
         if size is not None and total != size:
             raise ObjectChangedError(f"{url}: object size changed from {size} to {total} during the load", **context)
         return total
-    raise FetchError(f"{url}: unexpected HTTP {status} {response.reason} for {asked}", **context)
+    raise FetchError(f"{url}: unexpected HTTP {_phrase(status)} for {asked}", **context)
+
+
+def _phrase(status: int) -> str:
+    """``503 Service Unavailable``: the standard reason phrase, never the server's, which may echo the
+    request (its query string, a token)."""
+    try:
+        return f"{status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return str(status)
+
+
+def _content_length(response: http.client.HTTPResponse, url: str, context: dict[str, Any]) -> int | None:
+    """The Content-Length header as a number, None if absent; anything but digits is a FetchError."""
+    value = response.getheader("Content-Length")
+    if value is None:
+        return None
+    if not re.fullmatch(r"\d{1,20}", value.strip()):
+        raise FetchError(f"{url}: invalid Content-Length {redact_text(value, 40)!r}", **context)
+    return int(value)
 
 
 def _retry_after(value: str | None) -> float | None:

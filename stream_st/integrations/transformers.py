@@ -26,8 +26,8 @@ from ..api import load_file
 from ..arguments import Device, to_device
 from ..config import Config, resolve
 from ..fetch import Engine
+from ..location import redact
 from ..remote import read_whole
-from ..transport import redact
 
 CONFIG_NAME = "config.json"
 

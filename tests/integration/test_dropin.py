@@ -107,7 +107,7 @@ def test_cast_names_are_accepted(http: RangeServer, root: Path, name: object) ->
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_cuda_without_cuda_is_a_named_error(http: RangeServer) -> None:
+def test_a_gpu_device_without_a_gpu_is_a_named_error(http: RangeServer) -> None:
     with pytest.raises(sst.ConfigError, match="CUDA is not available"):
         sst.load_file(http.url("small.safetensors"), device="cuda")
     with pytest.raises(sst.ConfigError, match="is not a device"):
