@@ -99,7 +99,7 @@ class HubSource(SignedSource):
         return Digest("sha256", bytes.fromhex(sha256), f"the Hub's LFS sha256 of {self.url}")
 
     def pinned_url(self) -> str | None:
-        where = _parse_hub_url(self.hub_url) if self._commit else None
+        where = parse_hub_url(self.hub_url) if self._commit else None
         return f"hf://{where.kind}{where.repo_id}@{self._commit}/{where.path}" if where else None
 
     def after_probe(self, header: Callable[[str], str | None]) -> None:
@@ -244,7 +244,7 @@ class _HubPath:
     path: str
 
 
-def _parse_hub_url(url: str) -> _HubPath | None:
+def parse_hub_url(url: str) -> _HubPath | None:
     """hf://[TYPE/]org/name[@revision]/path (huggingface_hub's grammar), or None where HfFileSystem had
     better decide: a bucket, a revision with '/' (refs/pr/N) or escapes, no path in the repo."""
     from huggingface_hub import constants
@@ -270,7 +270,7 @@ def _parse_hub_url(url: str) -> _HubPath | None:
 
 def _hub_direct(url: str, options: Mapping[str, Any], pool: ConnectionPool) -> HubSource | None:
     """hf://[TYPE/]org/name[@revision]/path straight to the Hub's resolve URL, or None where
-    HfFileSystem must decide (see ``_parse_hub_url``; an option other than endpoint and token; offline).
+    HfFileSystem must decide (see ``parse_hub_url``; an option other than endpoint and token; offline).
     Nothing but ``huggingface_hub.constants`` is imported (HfFileSystem costs 0.21 s after torch) and no
     repo-info request precedes the first byte: the resolve answer says itself whether repo, revision or
     file is missing, and carries the commit and the LFS sha256."""
@@ -279,7 +279,7 @@ def _hub_direct(url: str, options: Mapping[str, Any], pool: ConnectionPool) -> H
     token = options.get("token")
     if set(options) - _HUB_DIRECT_OPTIONS or not isinstance(token, str | bool | None) or constants.HF_HUB_OFFLINE:
         return None
-    where = _parse_hub_url(url)
+    where = parse_hub_url(url)
     if where is None:
         return None
     endpoint = str(options.get("endpoint") or constants.ENDPOINT).rstrip("/")

@@ -52,6 +52,11 @@ class Checkpoint:
     def sharded(self) -> bool:
         return self._weight_map is not None or len(self.shards) > 1
 
+    def adopt(self, file: RemoteFile) -> Checkpoint:
+        """Keep ``file``, opened while finding out what the URL names, as the shard of its URL."""
+        self._files[file.requested_url] = file
+        return self
+
     async def file(self, shard: str) -> RemoteFile:
         """The opened shard (header read once, even when asked for concurrently)."""
         if shard in self._files:
@@ -134,8 +139,20 @@ async def open_checkpoint(url: str, engine: Engine, storage_options: Mapping[str
     local = where.local_path
     if where.path.endswith(SUFFIX) or (local is not None and os.path.exists(local) and not os.path.isdir(local)):
         return Checkpoint(where.shown, engine, options, [url])
+    not_a_checkpoint: HeaderError | None = None
+    if local is None and _may_be_a_file(where):
+        # A file is a file whatever its name (w.bin, model.st, noext): what the object is decides, not its
+        # suffix. Its header read is the first request either way, and the opened file is kept.
+        try:
+            return Checkpoint(where.shown, engine, options, [url]).adopt(await RemoteFile.open(url, engine, options))
+        except (FileNotFoundError, IsADirectoryError):
+            pass  # a folder, prefix or repo
+        except HeaderError as exc:
+            if where.scheme not in ("http", "https"):
+                raise
+            not_a_checkpoint = exc  # an HTTP folder may answer with a page (a listing): try the folder names
     if where.scheme in ("http", "https"):
-        return await _guess_http_folder(where, engine, options)
+        return await _guess_http_folder(where, engine, options, not_a_checkpoint)
     if where.scheme not in ("", "file", "local"):
         # An object store or repo: its index, where it has one, in one GET; the listing that would find it
         # there imports the protocol's filesystem (s3fs, gcsfs, HfFileSystem: 0.2-0.4 s) and costs a request.
@@ -150,13 +167,37 @@ async def open_checkpoint(url: str, engine: Engine, storage_options: Mapping[str
     return Checkpoint(where.shown.rstrip("/"), engine, options, shards)
 
 
-async def _guess_http_folder(where: Location, engine: Engine, options: dict[str, Any]) -> Checkpoint:
-    """A plain HTTP server cannot list a folder: try the transformers names, the index first."""
+async def _guess_http_folder(
+    where: Location, engine: Engine, options: dict[str, Any], not_a_checkpoint: HeaderError | None
+) -> Checkpoint:
+    """A plain HTTP server cannot list a folder: try the transformers names, the index first. If neither is
+    there, the URL's own answer says what went wrong (``not_a_checkpoint``), else that nothing was found."""
     try:
         return await _from_index(where.child(INDEX_NAME), engine, options)
     except FileNotFoundError:
-        single = where.child(f"model{SUFFIX}")
-        return Checkpoint(single.shown, engine, options, [single.url])
+        pass
+    single = where.child(f"model{SUFFIX}")
+    try:
+        file = await RemoteFile.open(single.url, engine, options)
+    except FileNotFoundError:
+        if not_a_checkpoint is not None:
+            raise not_a_checkpoint from None
+        raise FileNotFoundError(
+            f"{where.shown}: not found: no file there, and no {INDEX_NAME} or model{SUFFIX} under it"
+        ) from None
+    return Checkpoint(single.shown, engine, options, [single.url]).adopt(file)
+
+
+def _may_be_a_file(where: Location) -> bool:
+    """Whether a URL without a telling suffix may name one file: not a folder ("/" at the end), nor a Hub
+    repo root (hf://org/repo, which would need a repo-info request to tell)."""
+    if where.path.endswith("/") or (where.scheme in ("", "file", "local")):
+        return False
+    if where.scheme == "hf":
+        from .cloud import parse_hub_url
+
+        return parse_hub_url(where.url) is not None
+    return True
 
 
 async def _from_index(where: Location, engine: Engine, options: dict[str, Any]) -> Checkpoint:

@@ -166,3 +166,15 @@ def test_an_exact_name_with_glob_characters_can_be_selected(http: RangeServer, r
             sst.load_file(http.url(path.name), tensors="v*")  # an unmatched glob raises
     finally:
         path.unlink()
+
+
+def test_a_file_is_a_file_whatever_its_name_over_http(http: RangeServer, root: Path) -> None:
+    path = root / "weights.bin"
+    path.write_bytes((root / "small.safetensors").read_bytes())
+    try:
+        assert torch.equal(sst.load_file(http.url("weights.bin"))["x"], torch.arange(6, dtype=torch.float32))
+        assert len(http.gets("weights.bin")) == 1  # the one header read that found out it is a file
+    finally:
+        path.unlink()
+    with pytest.raises(FileNotFoundError, match="no-such: not found: no file there, and no model.safetensors.index"):
+        sst.load_file(http.url("no-such"))
