@@ -47,7 +47,10 @@ class Config:
             so a server dribbling a byte a second ends the load after at most ``retries + 1`` windows. 16 KiB/s:
             eight requests at that speed are ~1 Mbit/s, slower than any link a checkpoint is loaded over,
             while a dribbling server stays far below it. 0 turns the rule off.
-        connect_timeout: seconds to open a connection.
+        connect_timeout: seconds to open a connection, and to wait for the first answer of a file's header
+            read (first contact): a host that accepts and never answers is tried twice there, so it fails in
+            about 20 s by default instead of ``retries`` × ``stall_timeout`` (3 minutes), while a load under
+            way keeps the patience of ``stall_timeout``.
         timeout: optional deadline for a whole load, seconds.
         max_inflight_bytes: streaming APIs (``iter_tensors``) hold at most about this many fetched bytes
             that the caller has not taken yet.

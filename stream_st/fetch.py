@@ -35,6 +35,7 @@ Destination = Callable[[Hashable], memoryview]
 # Bytes per readinto call: small enough to notice a cancel quickly, large enough to cost nothing.
 _CHUNK = 8 << 20
 _GAP_SCRATCH = 1 << 20
+_FIRST_CONTACT_TIMEOUTS = 2  # attempts at the header read of a host that does not answer
 _RETRYABLE: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, IncompleteReadError)
 
 
@@ -150,6 +151,7 @@ class Engine:
             lambda: source.probe(length),
             cancelled,
             lambda: Position(None, 0, length, 0),
+            True,
         )
         waiting = asyncio.wrap_future(work)
         try:
@@ -215,9 +217,16 @@ class Engine:
         self._retrying(source, attempt, cancelled, reader.where)
 
     def _retrying(
-        self, source: Source, attempt: Callable[[], T], cancelled: threading.Event, locate: Callable[[], Position]
+        self,
+        source: Source,
+        attempt: Callable[[], T],
+        cancelled: threading.Event,
+        locate: Callable[[], Position],
+        first_contact: bool = False,
     ) -> T:
-        """Call ``attempt`` until it succeeds, retrying transient faults with capped, jittered backoff."""
+        """Call ``attempt`` until it succeeds, retrying transient faults with capped, jittered backoff. On
+        ``first_contact`` (the header read) a server that times out is tried twice, not ``retries`` times: a
+        dead or silent host fails in about 2 × connect_timeout, while a load under way stays patient."""
         failures = 0
         while True:
             if cancelled.is_set():
@@ -228,7 +237,8 @@ class Engine:
             except _RETRYABLE as exc:
                 failures += 1
                 where = locate()
-                if failures > self.config.retries:
+                gave_up = first_contact and failures >= _FIRST_CONTACT_TIMEOUTS and isinstance(exc, TimeoutError)
+                if failures > self.config.retries or gave_up:
                     raise _give_up(source.url, where, failures, exc) from exc
                 delay = self._backoff(failures, exc)
                 logger.warning(

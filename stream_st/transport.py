@@ -182,6 +182,9 @@ class ConnectionPool:
     def read_timeout(self) -> float:
         return self._read_timeout
 
+    def connect_timeout(self) -> float:
+        return self._connect_timeout
+
     def _watch(self) -> None:
         window = self._read_timeout
         floor = self._min_speed * window
@@ -328,7 +331,10 @@ def open_range(
             target += "?" + parts.query
         conn = pool.acquire(scheme, host, port)
         try:
-            response = _send(conn, target, headers, pool.read_timeout(), shown)
+            # First contact (the header read, size unknown): a server that accepts and never answers is given
+            # connect_timeout, not the patience a long transfer's body gets (stall_timeout).
+            first_byte = pool.connect_timeout() if size is None else pool.read_timeout()
+            response = _send(conn, target, headers, pool.read_timeout(), shown, first_byte)
         except BaseException as exc:
             cut = pool.was_cut(conn)
             pool.discard(conn)
@@ -364,7 +370,12 @@ def open_range(
 
 
 def _send(
-    conn: http.client.HTTPConnection, target: str, headers: Mapping[str, str], read_timeout: float, shown: str
+    conn: http.client.HTTPConnection,
+    target: str,
+    headers: Mapping[str, str],
+    read_timeout: float,
+    shown: str,
+    first_byte_timeout: float,
 ) -> http.client.HTTPResponse:
     # The errors below are raised outside their ``except`` so that they carry no context: http.client's
     # messages quote the URL, a header value or what the server sent, any of which may hold a secret.
@@ -378,11 +389,15 @@ def _send(
     if failure is not None:
         raise failure
     if conn.sock is not None:
-        conn.sock.settimeout(read_timeout)  # a stalled body raises socket.timeout instead of hanging
+        conn.sock.settimeout(first_byte_timeout)
     try:
-        return conn.getresponse()
+        response = conn.getresponse()
     except http.client.HTTPException as exc:  # BadStatusLine, LineTooLong...: retried, as they were
         kind = type(exc).__name__
+    else:
+        if conn.sock is not None:
+            conn.sock.settimeout(read_timeout)  # a stalled body raises socket.timeout instead of hanging
+        return response
     raise ConnectionError(f"{shown}: malformed HTTP response ({kind})")
 
 

@@ -178,3 +178,36 @@ def test_a_file_is_a_file_whatever_its_name_over_http(http: RangeServer, root: P
         path.unlink()
     with pytest.raises(FileNotFoundError, match="no-such: not found: no file there, and no model.safetensors.index"):
         sst.load_file(http.url("no-such"))
+
+
+def test_a_host_that_accepts_and_never_answers_fails_within_two_connect_timeouts() -> None:
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:  # accept every connection, never answer
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/model.safetensors"
+    try:
+        started = time.monotonic()
+        with pytest.raises(sst.FetchError, match="failed after 2 attempts"):
+            sst.load_file(url, connect_timeout=1.0, backoff_base=0.01)  # stall_timeout stays 30 s
+        assert time.monotonic() - started < 10  # two first-contact timeouts, not 6 × stall_timeout
+        assert len(accepted) == 2
+    finally:
+        stop.set()
+        thread.join(5)
+        for conn in accepted:
+            conn.close()
+        listener.close()
