@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from .config import Config
 from .errors import (
     ConfigError,
+    CredentialsError,
     FetchError,
     HandleClosedError,
     HeaderError,
@@ -101,6 +102,7 @@ __all__ = [
     "AsyncSafeOpen",
     "Config",
     "ConfigError",
+    "CredentialsError",
     "FetchError",
     "HandleClosedError",
     "Header",

@@ -10,30 +10,13 @@ from typing import TypeVar
 
 import torch
 
+from .dtypes import CAST_NAMES
 from .errors import ConfigError
 
 Device = str | int | torch.device
 T = TypeVar("T")
 
 BACKENDS = ("mmap", "pread")  # safetensors' names; stream_st reads local files with positional reads either way
-
-# Strings accepted for dtype= (besides torch.dtype objects): only floating types are cast targets.
-_CAST_NAMES = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "f16": torch.float16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "f32": torch.float32,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "float": torch.float32,
-    "f64": torch.float64,
-    "fp64": torch.float64,
-    "float64": torch.float64,
-    "double": torch.float64,
-}
 
 
 def path_or_url(url: str | os.PathLike[str]) -> str:
@@ -50,10 +33,14 @@ def cast_target(dtype: torch.dtype | str | None) -> torch.dtype | None:
     ``"torch.float16"``. Integer and bool targets are refused: casting weights to them destroys them."""
     if dtype is None:
         return None
-    target = _CAST_NAMES.get(dtype.removeprefix("torch.").lower()) if isinstance(dtype, str) else dtype
+    if isinstance(dtype, str):
+        name = CAST_NAMES.get(dtype.removeprefix("torch.").lower())
+        target = getattr(torch, name) if name else None
+    else:
+        target = dtype
     if isinstance(target, torch.dtype) and target.is_floating_point:
         return target
-    names = ", ".join(sorted(_CAST_NAMES))
+    names = ", ".join(sorted(CAST_NAMES))
     raise ConfigError(
         f"dtype={dtype!r} is not a floating-point dtype to cast to; pass a floating torch.dtype or one of: {names}"
     )

@@ -14,6 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from . import __version__
+from .dtypes import CAST_NAMES
+from .errors import ConfigError
 from .location import scrub
 
 EXAMPLES = {
@@ -35,7 +37,6 @@ EXAMPLES = {
     ),
     "demo": "stream-st demo",
 }
-_DTYPES = {"f16": "float16", "fp16": "float16", "bf16": "bfloat16", "f32": "float32", "fp32": "float32"}
 
 
 def _size(nbytes: float) -> str:
@@ -47,7 +48,16 @@ def _size(nbytes: float) -> str:
 
 
 def _storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
-    return json.loads(args.storage_options) if getattr(args, "storage_options", None) else None
+    raw = getattr(args, "storage_options", None)
+    if not raw:
+        return None
+    try:
+        options = json.loads(raw)
+    except ValueError as exc:
+        raise ConfigError(f"--storage-options is not JSON ({exc}); example: '{{\"anon\": true}}'") from None
+    if not isinstance(options, dict):
+        raise ConfigError(f"--storage-options must be a JSON object, got {type(options).__name__}")
+    return options
 
 
 async def _open_all(url: str, storage_options: dict[str, Any] | None) -> list[Any]:
@@ -161,9 +171,10 @@ def cmd_load(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     options = _storage_options(args)
     early = start_before_torch(args.url, args.device, {"tensors": args.select, "storage_options": options})
-    import torch
 
-    dtype = getattr(torch, _DTYPES.get(args.dtype, args.dtype)) if args.dtype else None
+    from .arguments import cast_target
+
+    dtype = cast_target(args.dtype)
     from .errors import IntegrityWarning
 
     progress = False if args.no_progress else None
@@ -346,12 +357,14 @@ def build_parser() -> argparse.ArgumentParser:
     load = command("load", "stream tensors and report bytes, requests, seconds and GB/s")
     load.add_argument("--select", action="append", help="name or glob of tensors to load (repeatable)")
     load.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
-    load.add_argument("--dtype", help="cast floating tensors: f16, bf16, f32")
+    names = ", ".join(CAST_NAMES)
+    load.add_argument("--dtype", choices=CAST_NAMES, metavar="DTYPE", help=f"cast floating tensors: {names}")
     load.add_argument("--no-progress", action="store_true", help="no progress bar")
     load.add_argument(
         "--verify",
         nargs="?",
         const=True,
+        type=lambda value: True if value == "true" else value,
         metavar="DIGEST",
         help="check the bytes: the store's digest or a sidecar; 'strict'; or 'sha256:<hex>' of the file",
     )
@@ -368,8 +381,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _verify_as_flag(argv: Sequence[str]) -> list[str]:
+    """``--verify`` takes an optional value: only 'strict' or 'sha256:<hex>' are one, so ``load --verify URL``
+    verifies URL instead of taking URL for a digest."""
+    out = list(argv)
+    for index, arg in enumerate(out):
+        following = out[index + 1] if index + 1 < len(out) else ""
+        if arg == "--verify" and following != "strict" and not following.startswith("sha256:"):
+            out[index] = "--verify=true"
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_verify_as_flag(sys.argv[1:] if argv is None else argv))
     if args.debug:
         import logging
 

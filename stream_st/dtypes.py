@@ -63,3 +63,23 @@ def to_torch(code: str) -> torch.dtype | None:
 
     name = _TORCH_NAMES.get(code)
     return getattr(torch, name, None) if name else None
+
+
+# Names accepted for ``dtype=`` (a cast target) besides torch.dtype objects, and the torch dtype each names:
+# floating types only, since casting weights to an integer type destroys them.
+CAST_NAMES: dict[str, str] = {
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "f16": "float16",
+    "fp16": "float16",
+    "float16": "float16",
+    "half": "float16",
+    "f32": "float32",
+    "fp32": "float32",
+    "float32": "float32",
+    "float": "float32",
+    "f64": "float64",
+    "fp64": "float64",
+    "float64": "float64",
+    "double": "float64",
+}

@@ -11,6 +11,7 @@ Every error derives from :class:`StreamSTError` and also from the builtin a call
     ├── UnsupportedDtypeError(TypeError)        the format allows the dtype, torch cannot hold it
     ├── IntegrityError(ValueError)              streamed bytes do not match the published digest
     ├── HandleClosedError(RuntimeError)         a safe_open handle was used after it was closed
+    ├── CredentialsError(PermissionError)       no credentials were found for a store that needs them
     ├── ModelLoadError(RuntimeError)            load_model could not give the model a complete, consistent state
     └── FetchError(OSError)                     bytes could not be fetched as asked
         ├── RangeNotSupportedError              the server ignored or mangled a Range request
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 from safetensors import SafetensorError
 
-from .location import redact
+from .location import redact, redact_text
 
 
 class StreamSTError(SafetensorError):
@@ -79,6 +80,11 @@ class HandleClosedError(StreamSTError, RuntimeError):
     """A ``safe_open`` handle was used after it was closed (safetensors raises its ``SafetensorError``)."""
 
 
+class CredentialsError(StreamSTError, PermissionError):
+    """The store needs credentials and none were found (botocore's NoCredentialsError, google-auth's
+    DefaultCredentialsError, ...), or those found cannot be used."""
+
+
 class ModelLoadError(StreamSTError, RuntimeError):
     """``load_model``: names missing or unexpected (``strict``), tied names stored with different values, or a
     parameter or buffer left on the ``meta`` device."""
@@ -106,3 +112,30 @@ class ObjectChangedError(FetchError):
 
 class IntegrityWarning(UserWarning):
     """A load asked to be verified could not be (a partial load without per-tensor digests)."""
+
+
+# Exceptions of the credential stacks under fsspec (botocore, google-auth, azure-identity, huggingface_hub)
+# that mean "no usable credentials", by class name, so that none of those packages is imported to check.
+_CREDENTIAL_FAILURES = frozenset(
+    {
+        "NoCredentialsError",
+        "PartialCredentialsError",
+        "CredentialRetrievalError",
+        "NoAuthTokenError",
+        "DefaultCredentialsError",
+        "RefreshError",
+        "CredentialUnavailableError",
+        "ClientAuthenticationError",
+    }
+)
+
+
+def credentials_error(exc: BaseException, url: str) -> CredentialsError | None:
+    """``exc`` as a CredentialsError naming ``url`` (a display form) if a credential stack raised it."""
+    if type(exc).__name__ not in _CREDENTIAL_FAILURES:
+        return None
+    return CredentialsError(
+        f"{url}: no usable credentials ({type(exc).__name__}: {redact_text(str(exc), 200)}); pass them in "
+        "storage_options, the store's environment variables or its config files (see the README's 'Where from')",
+        url=url,
+    )

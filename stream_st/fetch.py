@@ -36,6 +36,7 @@ Destination = Callable[[Hashable], memoryview]
 _CHUNK = 8 << 20
 _GAP_SCRATCH = 1 << 20
 _FIRST_CONTACT_TIMEOUTS = 2  # attempts at the header read of a host that does not answer
+_UNREACHABLE = (TimeoutError, ConnectionRefusedError)  # at first contact: a host down or silent, not a hiccup
 _RETRYABLE: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, IncompleteReadError)
 
 
@@ -225,8 +226,8 @@ class Engine:
         first_contact: bool = False,
     ) -> T:
         """Call ``attempt`` until it succeeds, retrying transient faults with capped, jittered backoff. On
-        ``first_contact`` (the header read) a server that times out is tried twice, not ``retries`` times: a
-        dead or silent host fails in about 2 × connect_timeout, while a load under way stays patient."""
+        ``first_contact`` (the header read) a server that times out or refuses is tried twice, not ``retries``
+        times: a dead or silent host fails in about 2 × connect_timeout, while a load under way stays patient."""
         failures = 0
         while True:
             if cancelled.is_set():
@@ -237,7 +238,7 @@ class Engine:
             except _RETRYABLE as exc:
                 failures += 1
                 where = locate()
-                gave_up = first_contact and failures >= _FIRST_CONTACT_TIMEOUTS and isinstance(exc, TimeoutError)
+                gave_up = first_contact and failures >= _FIRST_CONTACT_TIMEOUTS and isinstance(exc, _UNREACHABLE)
                 if failures > self.config.retries or gave_up:
                     raise _give_up(source.url, where, failures, exc) from exc
                 delay = self._backoff(failures, exc)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import held
 from ._loop import warn_caller
-from .errors import ConfigError, FetchError, IntegrityError, IntegrityWarning, ObjectChangedError
+from .errors import ConfigError, FetchError, IntegrityError, IntegrityWarning, ObjectChangedError, credentials_error
 from .fetch import Engine
 from .header import LENGTH_PREFIX, Header, TensorInfo, declared_header_size, parse_header
 from .integrity import (
@@ -22,9 +22,10 @@ from .integrity import (
     parse_digest,
     sidecar_location,
 )
+from .location import redact
 from .plan import Want
 from .regions import Region
-from .sources import Source, open_source
+from .sources import Probe, Source, open_source
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: opening a file and reading headers need none
     import torch
@@ -99,9 +100,8 @@ class RemoteFile:
         found = None
         if held.active():
             found = await engine.run(held.find, url, held.options_key(storage_options), config.stall_timeout)
-        source = await engine.run(lambda: open_source(url, engine.pool, storage_options, direct=config.direct_http))
+        source, probe = await probed(url, engine, storage_options, len(found.header_bytes) if found else None)
         try:
-            probe = await engine.probe(source, len(found.header_bytes) if found else config.header_prefetch)
             size = declared_header_size(
                 probe.prefix, url=source.url, file_size=probe.size, max_header_size=config.max_header_size
             )
@@ -379,9 +379,8 @@ async def read_whole_pinned(
 ) -> tuple[bytes, str | None]:
     """``read_whole``, and the URL naming the version read where the store has one (``Source.pinned_url``)."""
     config = engine.config
-    source = await engine.run(lambda: open_source(url, engine.pool, storage_options, direct=config.direct_http))
+    source, probe = await probed(url, engine, storage_options)
     try:
-        probe = await engine.probe(source)
         if probe.size > config.max_small_file_bytes:  # the size a server declared: checked before allocating
             raise FetchError(
                 f"{source.url}: {probe.size} bytes, more than max_small_file_bytes={config.max_small_file_bytes} "
@@ -391,6 +390,26 @@ async def read_whole_pinned(
         return await _extend(engine, source, probe.prefix, probe.size), source.pinned_url()
     finally:
         source.close()
+
+
+async def probed(
+    url: str, engine: Engine, storage_options: Mapping[str, Any] | None, length: int | None = None
+) -> tuple[Source, Probe]:
+    """The source of ``url`` and its first ``length`` bytes (default ``header_prefetch``); a credential stack
+    that finds no credentials is a ``CredentialsError`` naming the URL."""
+    source: Source | None = None
+    try:
+        source = await engine.run(
+            lambda: open_source(url, engine.pool, storage_options, direct=engine.config.direct_http)
+        )
+        return source, await engine.probe(source, length)
+    except BaseException as exc:
+        if source is not None:
+            source.close()
+        named = credentials_error(exc, redact(url))
+        if named is not None:
+            raise named from None
+        raise
 
 
 async def _extend(engine: Engine, source: Source, prefix: bytes, end: int) -> bytes:

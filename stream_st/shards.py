@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ._loop import gather_or_cancel
-from .errors import HeaderError, TensorNotFoundError
+from .errors import HeaderError, TensorNotFoundError, credentials_error
 from .fetch import Engine
 from .location import Location, inside
 from .remote import RemoteFile, read_whole_pinned
@@ -158,7 +158,13 @@ async def open_checkpoint(url: str, engine: Engine, storage_options: Mapping[str
         # there imports the protocol's filesystem (s3fs, gcsfs, HfFileSystem: 0.2-0.4 s) and costs a request.
         with contextlib.suppress(FileNotFoundError):
             return await _from_index(where.child(INDEX_NAME), engine, options)
-    names = await engine.run(_list_folder, where, options)
+    try:
+        names = await engine.run(_list_folder, where, options)
+    except Exception as exc:
+        named = credentials_error(exc, where.shown)
+        if named is not None:
+            raise named from None
+        raise
     if INDEX_NAME in names:
         return await _from_index(where.child(INDEX_NAME), engine, options)
     shards = [where.child(name).url for name in names if name.endswith(SUFFIX) and _listable(where, name)]

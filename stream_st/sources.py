@@ -17,9 +17,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .errors import FetchError, IncompleteReadError, ObjectChangedError, RangeNotSupportedError
+from .errors import ConfigError, FetchError, IncompleteReadError, ObjectChangedError, RangeNotSupportedError
 from .integrity import Digest
-from .location import Location, redact
+from .location import Location, redact, redact_text
 from .transport import ConnectionPool, Endpoint, RangeStream, open_range
 
 
@@ -312,8 +312,13 @@ class FsspecSource(Source):
     def __init__(self, url: str, storage_options: Mapping[str, Any]) -> None:
         import fsspec
 
-        self.fs, self.path = fsspec.core.url_to_fs(url, **storage_options)
         self.url = redact(url)
+        try:
+            self.fs, self.path = fsspec.core.url_to_fs(url, **storage_options)
+        except (ValueError, ImportError) as exc:  # "Protocol not known", or its package is not installed
+            raise ConfigError(
+                f"{self.url}: no filesystem can read this URL ({redact_text(str(exc))})", url=self.url
+            ) from None
         self._lock = threading.Lock()
 
     def probe(self, length: int) -> Probe:

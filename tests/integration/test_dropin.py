@@ -211,3 +211,32 @@ def test_a_host_that_accepts_and_never_answers_fails_within_two_connect_timeouts
         for conn in accepted:
             conn.close()
         listener.close()
+
+
+def test_an_unknown_scheme_is_a_named_error() -> None:
+    with pytest.raises(sst.ConfigError, match="bogus://bucket/x.safetensors: no filesystem can read this URL"):
+        sst.load_file("bogus://bucket/x.safetensors")
+
+
+def test_missing_s3_credentials_are_a_named_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for variable in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(sst.CredentialsError, match="s3://bucket/x.safetensors: no usable credentials") as caught:
+        sst.load_file("s3://bucket/x.safetensors", storage_options={"endpoint_url": "http://127.0.0.1:9"})
+    assert isinstance(caught.value, PermissionError)
+
+
+def test_cli_misuse_is_named(http: RangeServer, capsys: pytest.CaptureFixture[str]) -> None:
+    from stream_st.cli import main
+
+    # "--verify URL": the URL is the checkpoint (verified, here without a digest to check), not a digest.
+    assert main(["load", "--verify", http.url("small.safetensors"), "--no-progress"]) == 1
+    assert "small.safetensors: verify asked, but the source publishes no digest" in capsys.readouterr().err
+    assert main(["load", http.url("small.safetensors"), "--storage-options", "{bad"]) == 1
+    assert "--storage-options is not JSON" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["load", http.url("small.safetensors"), "--dtype", "int8"])
+    assert "invalid choice: 'int8'" in capsys.readouterr().err
