@@ -839,7 +839,7 @@ def gpu_report(
     lines = [
         f"# stream_st on the GPU: {probe['gpu']}",
         "",
-        f"- date (UTC): {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}; CPUs: {probe['cpus']}; "
+        f"- date (UTC): {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M}; CPUs: {probe['cpus']}; "
         f"nvidia-smi: {nvidia_smi()}",
         f"- python {probe['python']}, torch {probe['torch']} (CUDA {probe['torch_cuda']}), safetensors "
         f"{probe['safetensors']}, aiohttp {probe['aiohttp']}, fsspec {probe['fsspec']}, stream_st {probe['stream_st']} "

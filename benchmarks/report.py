@@ -27,7 +27,7 @@ def machine_info() -> dict[str, str]:
     mem_kib = next((int(line.split()[1]) for line in _lines("/proc/meminfo") if line.startswith("MemTotal")), 0)
     thp = next(iter(_lines("/sys/kernel/mm/transparent_hugepage/enabled")), "?")
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "nproc": f"{len(os.sched_getaffinity(0))} (os.cpu_count {os.cpu_count()})",
         "cpu": cpu,
         "ram": f"{mem_kib / (1 << 20):.1f} GiB",

@@ -77,5 +77,5 @@ async def within(timeout: float | None, what: str, awaitable: Awaitable[T]) -> T
         return await awaitable
     try:
         return await asyncio.wait_for(awaitable, timeout)
-    except (TimeoutError, asyncio.TimeoutError):  # distinct classes before Python 3.11
+    except TimeoutError:  # distinct classes before Python 3.11
         raise TimeoutError(f"{what} did not finish within timeout={timeout}s") from None
