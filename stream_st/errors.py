@@ -110,6 +110,11 @@ class ObjectChangedError(FetchError):
     """The object was replaced while it was being loaded (its ETag or version changed)."""
 
 
+class RangeIgnoredWarning(UserWarning):
+    """The server ignores Range requests: a load streams the object from its first byte and drops what it
+    does not want (it still works, but a partial load costs the whole download)."""
+
+
 class IntegrityWarning(UserWarning):
     """A load asked to be verified could not be (a partial load without per-tensor digests)."""
 

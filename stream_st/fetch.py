@@ -212,7 +212,7 @@ class Engine:
             try:
                 reader.read(stream, url=source.url)
             finally:
-                self.stats.add(nbytes=reader.position - before)
+                self.stats.add(nbytes=reader.position - before + getattr(stream, "skipped", 0))
                 stream.close(reusable=reader.position == part.end)
 
         self._retrying(source, attempt, cancelled, reader.where)

@@ -9,7 +9,15 @@ from typing import TYPE_CHECKING, Any
 
 from . import held
 from ._loop import warn_caller
-from .errors import ConfigError, FetchError, IntegrityError, IntegrityWarning, ObjectChangedError, credentials_error
+from .errors import (
+    ConfigError,
+    FetchError,
+    IntegrityError,
+    IntegrityWarning,
+    ObjectChangedError,
+    RangeIgnoredWarning,
+    credentials_error,
+)
 from .fetch import Engine
 from .header import LENGTH_PREFIX, Header, TensorInfo, declared_header_size, parse_header
 from .integrity import (
@@ -110,6 +118,12 @@ class RemoteFile:
             header = parse_header(bytes(prefix[LENGTH_PREFIX:header_end]), url=source.url, file_size=probe.size)
             if found is not None:
                 _check_same_version(found, source, prefix[:header_end])
+            if not source.ranges:
+                warn_caller(
+                    f"{source.url}: the server ignores Range requests, so every load of it streams the object from "
+                    "its first byte and drops what it does not need (a partial load costs the whole download)",
+                    RangeIgnoredWarning,
+                )
         except BaseException:
             source.close()
             raise

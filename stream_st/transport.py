@@ -225,6 +225,7 @@ class RangeStream:
         self._pool, self._key, self._conn, self._response = pool, key, conn, response
         self.endpoint = endpoint  # where the answer came from, after redirects
         self._skip = skip  # leading bytes to drop when a server without Range support sent from byte 0
+        self.skipped = 0  # of those, dropped so far (they crossed the network: counted in Stats.bytes)
         self._redirects = redirects  # the headers of the redirects on the way, first first
         self.etag = response.getheader("ETag")
         self.partial = response.status == 206  # False: the server sent the whole object
@@ -244,6 +245,7 @@ class RangeStream:
             if not got:
                 return 0
             self._skip -= got
+            self.skipped += got
         return self._read(buffer)
 
     def _read(self, buffer: memoryview) -> int:

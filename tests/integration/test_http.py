@@ -115,9 +115,21 @@ def test_server_ignoring_range_still_loads_correctly(
 ) -> None:
     http.quirks.ignore_range = True
     name = "layered.safetensors"
-    loaded = sst.load_file(http.url(name), header_prefetch=4096, part_size=65536)
+    with pytest.warns(sst.RangeIgnoredWarning, match="ignores Range requests") as caught:
+        loaded = sst.load_file(http.url(name), header_prefetch=4096, part_size=65536)
+    assert len(caught) == 1  # said once per load
     assert_same(loaded, reference(root, name))
     assert [status for status in (r.status for r in http.gets(name))] == [200, 200]  # probe, then one stream
+
+
+def test_bytes_a_server_ignoring_range_sends_before_the_wanted_ones_are_counted(http: RangeServer, root: Path) -> None:
+    http.quirks.ignore_range = True
+    name = "layered.safetensors"
+    last = sst.read_header(root / name).tensors["lm_head.weight"]
+    stats = sst.Stats()
+    with pytest.warns(sst.RangeIgnoredWarning):
+        sst.load_file(http.url(name), tensors="lm_head.weight", header_prefetch=4096, stats=stats)
+    assert stats.bytes == 4096 + last.end  # the header read, then the stream up to the last wanted byte
 
 
 def test_missing_object_is_file_not_found(http: RangeServer) -> None:
@@ -207,3 +219,12 @@ def test_iter_tensors_streams_in_file_order(server: RangeServer | Nginx, root: P
         assert_tensor_same(tensor, expected[tensor_name], tensor_name)
         seen.append(tensor_name)
     assert seen == sst.read_header(str(root / name)).offset_keys()
+
+
+def test_bench_says_when_its_ratio_is_meaningless(http: RangeServer, capsys: pytest.CaptureFixture[str]) -> None:
+    from stream_st.cli import main
+
+    http.quirks.ignore_range = True
+    with pytest.warns(sst.RangeIgnoredWarning):
+        assert main(["bench", http.url("layered.safetensors"), "--repeats", "1"]) == 0
+    assert "the server ignores Range requests: both reads streamed whole objects" in capsys.readouterr().out
