@@ -9,11 +9,15 @@ value before it has been checked against the object's size.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+import re
 import struct
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .dtypes import DTYPE_BITS
 from .errors import HeaderError
@@ -22,9 +26,10 @@ LENGTH_PREFIX = 8  # bytes of the little-endian u64 header length that starts ev
 METADATA_KEY = "__metadata__"
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """One tensor entry: its dtype code, shape, and absolute byte span [start, end) in the object."""
+class TensorInfo(NamedTuple):
+    """One tensor entry: its dtype code, shape, and absolute byte span [start, end) in the object.
+
+    A named tuple: a header may hold a million of them, and it is the cheapest record to make."""
 
     name: str
     dtype: str
@@ -76,16 +81,25 @@ class Header:
 
 
 def declared_header_size(prefix: bytes, *, url: str, file_size: int, max_header_size: int) -> int:
-    """Read and check N from the first 8 bytes, before anything of size N is read or allocated."""
+    """Read and check N from the first 8 bytes, before anything of size N is read or allocated.
+
+    ``prefix`` is the object's first bytes (the more, the better a file that is not safetensors at all,
+    such as an HTML error page, is recognised and named)."""
     if file_size < LENGTH_PREFIX:
         raise HeaderError(
             f"{url}: object is {file_size} bytes, too small to be safetensors "
-            f"(it must start with an {LENGTH_PREFIX}-byte header length)",
+            f"(it must start with an {LENGTH_PREFIX}-byte header length){_looks_like(prefix, ', and it')}",
             url=url,
         )
     if len(prefix) < LENGTH_PREFIX:
         raise HeaderError(f"{url}: got {len(prefix)} bytes of the {LENGTH_PREFIX}-byte header length", url=url)
     (size,) = struct.unpack("<Q", prefix[:LENGTH_PREFIX])
+    # A genuine header is JSON: its first byte is "{" or whitespace. Anything else is worth naming.
+    json_start = prefix[LENGTH_PREFIX : LENGTH_PREFIX + 1] in (b"", b"{", b" ", b"\t", b"\n", b"\r")
+    if size > max_header_size or LENGTH_PREFIX + size > file_size or not json_start:
+        kind = _looks_like(prefix, "")
+        if kind:
+            raise HeaderError(f"{url}: not a safetensors file: it{kind}", url=url)
     if size > max_header_size:
         raise HeaderError(
             f"{url}: header declares {size} bytes, more than the limit of {max_header_size} "
@@ -100,127 +114,284 @@ def declared_header_size(prefix: bytes, *, url: str, file_size: int, max_header_
     return int(size)
 
 
-def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    seen: dict[str, object] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise _DuplicateKeyError(key)
-        seen[key] = value
-    return seen
+# What a file starts with, for the files most often served or saved in place of a safetensors file.
+_SIGNATURES: list[tuple[bytes, str]] = [
+    (b"PK\x03\x04", "a zip archive (a PyTorch .bin/.pt checkpoint?)"),
+    (b"PK\x05\x06", "an empty zip archive"),
+    (b"\x1f\x8b", "a gzip stream (a compressed file, or a body sent with Content-Encoding: gzip?)"),
+    (b"\x28\xb5\x2f\xfd", "a zstd stream (a compressed file?)"),
+    (b"\xfd7zXZ\x00", "an xz stream (a compressed file?)"),
+    (b"BZh", "a bzip2 stream (a compressed file?)"),
+    (b"GGUF", "a GGUF model file"),
+    (b"\x93NUMPY", "a NumPy .npy array"),
+    (b"\x89HDF\r\n\x1a\n", "an HDF5 file (a Keras .h5 checkpoint?)"),
+    (b"version https://git-lfs", "a Git LFS pointer file, not the file it points to"),
+]
+_MARKUP = re.compile(rb"\s*<(!doctype\s+html|html|head|body|title|!--)", re.IGNORECASE)
+_XML = re.compile(rb"\s*<\?xml", re.IGNORECASE)
 
 
-class _DuplicateKeyError(Exception):
-    pass
+def _looks_like(prefix: bytes, lead: str) -> str:
+    """`` looks like <what>`` after ``lead`` when the first bytes are a known non-safetensors format, else ""."""
+    head = bytes(prefix[:512])
+    if head.startswith(b"\xef\xbb\xbf"):
+        head = head[3:]  # a UTF-8 byte order mark starts some text files
+    kind = next((what for magic, what in _SIGNATURES if head.startswith(magic)), "")
+    if not kind and head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        kind = "a Python pickle (a PyTorch .bin checkpoint in the legacy format?)"
+    elif not kind and _MARKUP.match(head):
+        kind = "an HTML page (an error or login page served in place of the file?)"
+    elif not kind and _XML.match(head):
+        kind = "an XML document (an error response from the server?)"
+    elif not kind and head.lstrip()[:1] in (b"{", b"["):
+        kind = "JSON text (an index or config file, or an error response?)"
+    elif not kind and head and _is_text(head):
+        kind = "text"
+    return f"{lead} looks like {kind}" if kind else ""
 
 
-def _non_negative_int(value: object) -> bool:
-    # bool is an int subclass; JSON `true` is not a dimension.
-    return type(value) is int and value >= 0
-
-
-def parse_header(raw: bytes, *, url: str, file_size: int) -> Header:
-    """Validate the JSON header ``raw`` (the N bytes after the length) of an object of ``file_size`` bytes."""
-    header_size = len(raw)
+def _is_text(head: bytes) -> bool:
     try:
-        text = raw.decode("utf-8")
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 3:  # not just a character cut at the end of the prefix
+            return False
+        text = head[: exc.start].decode("utf-8")
+    return all(c.isprintable() or c in "\t\n\r" for c in text)
+
+
+def _repeated_key(pairs: tuple[tuple[str, object], ...]) -> str:
+    """The first key that ``pairs`` holds twice."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            return key
+        seen.add(key)
+    raise AssertionError("no duplicate key")
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    # A header of a million tensors creates millions of containers, none of them cyclic; the cyclic
+    # collector would scan them over and over while they are created (2-3x the parse time).
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+_LEADING_WHITESPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace, which the safetensors crate skips
+_MAX_INT64 = 2**63 - 1  # torch sizes and offsets are int64
+
+
+def parse_header(raw: bytes | bytearray | memoryview, *, url: str, file_size: int) -> Header:
+    """Validate the JSON header ``raw`` (the N bytes after the length) of an object of ``file_size`` bytes."""
+    header_size = memoryview(raw).nbytes
+    try:
+        text = str(raw, "utf-8")
     except UnicodeDecodeError as exc:
         raise HeaderError(f"{url}: header is not valid UTF-8 ({exc.reason} at byte {exc.start})", url=url) from None
-    if not text.startswith("{"):
-        raise HeaderError(f"{url}: header must be a JSON object starting with '{{', got {text[:20]!r}", url=url)
-    try:
-        doc = json.loads(text, object_pairs_hook=_reject_duplicates)
-    except _DuplicateKeyError as exc:
-        raise HeaderError(f"{url}: header has the key {exc.args[0]!r} more than once", url=url) from None
-    except RecursionError:
-        raise HeaderError(f"{url}: header JSON is nested too deeply", url=url) from None
-    except ValueError as exc:
-        raise HeaderError(f"{url}: header is not valid JSON ({exc})", url=url) from None
-    if not isinstance(doc, dict):
-        raise HeaderError(f"{url}: header must be a JSON object", url=url)
-
-    metadata = doc.pop(METADATA_KEY, None)
-    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
-        raise HeaderError(f"{url}: {METADATA_KEY} must map strings to strings", url=url)
-
-    data_start = LENGTH_PREFIX + header_size
-    entries = [_tensor_entry(name, value, url) for name, value in doc.items()]
-    entries.sort(key=lambda e: (e[2][0], e[2][1]))
-    tensors: dict[str, TensorInfo] = {}
-    expected_start = 0
-    previous: str | None = None
-    for name, (dtype, shape), (begin, end) in entries:
-        if begin != expected_start:
-            if previous is None:
-                what = f"the first tensor must start at 0 but tensor {name!r} starts at {begin}"
-            elif begin < expected_start:
-                what = f"tensor {previous!r} ends at {expected_start} but tensor {name!r} starts at {begin} (overlap)"
-            else:
-                what = (
-                    f"tensor {previous!r} ends at {expected_start} but the next tensor {name!r} "
-                    f"starts at {begin} (gaps are not allowed)"
-                )
-            raise HeaderError(f"{url}: {what}", url=url, tensor=name)
-        if end < begin:
-            raise HeaderError(
-                f"{url}: tensor {name!r} has data_offsets [{begin}, {end}] that end before they start",
-                url=url,
-                tensor=name,
-            )
-        bits = _bits_needed(shape, DTYPE_BITS[dtype], limit=_MAX_BITS)
-        if bits is None or bits % 8 or bits // 8 != end - begin:
-            needs = "more than 2**64 bytes" if bits is None else f"{bits / 8:g} bytes"
-            raise HeaderError(
-                f"{url}: tensor {name!r} of dtype {dtype} and shape {_short(shape)} needs "
-                f"{needs} but its data_offsets [{begin}, {end}] span {end - begin}",
-                url=url,
-                tensor=name,
-            )
-        tensors[name] = TensorInfo(name, dtype, shape, data_start + begin, data_start + end)
-        expected_start = end
-        previous = name
-    if data_start + expected_start != file_size:
-        raise HeaderError(
-            f"{url}: tensors end at data offset {expected_start} (byte {data_start + expected_start}) "
-            f"but the object is {file_size} bytes long",
-            url=url,
-        )
+    first = _LEADING_WHITESPACE.match(text).end()  # type: ignore[union-attr]  # it matches the empty string
+    if text[first : first + 1] != "{":
+        got = text[first : first + 20]
+        raise HeaderError(f"{url}: header must be a JSON object starting with '{{', got {got!r}", url=url)
+    # UTF-8 cannot carry a surrogate, so a lone one can only come from a \\uD8xx-\\uDFxx escape.
+    escaped_surrogate = "\\ud" in text or "\\uD" in text
+    with _gc_paused():
+        try:
+            # Objects become tuples of pairs (arrays stay lists): parsed in C, duplicates still visible.
+            doc = json.loads(text, object_pairs_hook=tuple)
+        except RecursionError:
+            raise HeaderError(f"{url}: header JSON is nested too deeply", url=url) from None
+        except MemoryError:
+            raise HeaderError(f"{url}: header of {header_size} bytes is too large to parse here", url=url) from None
+        except ValueError as exc:
+            raise HeaderError(f"{url}: header is not valid JSON ({exc})", url=url) from None
+        del text
+        if escaped_surrogate:
+            _reject_lone_surrogates(doc, url)
+        tensors, metadata = _validate(doc, url=url, data_start=LENGTH_PREFIX + header_size, file_size=file_size)
     return Header(url=url, header_size=header_size, file_size=file_size, tensors=tensors, metadata=metadata)
 
 
-_MAX_BITS = 8 << 64  # no tensor can hold more than 2**64 bytes
+def _reject_lone_surrogates(doc: tuple[tuple[str, object], ...], url: str) -> None:
+    """Refuse a string holding half a surrogate pair, as the safetensors crate does (Rust strings are UTF-8)."""
+    for name, _ in doc:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise HeaderError(
+                f"{url}: tensor name {name!r} holds an unpaired surrogate escape; names must be valid Unicode",
+                url=url,
+                tensor=name,
+            ) from None
+    try:
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise HeaderError(f"{url}: header holds a string with an unpaired surrogate escape", url=url) from None
 
 
-def _bits_needed(shape: tuple[int, ...], bits: int, *, limit: int) -> int | None:
-    """numel × bits, or None once it passes ``limit``: the checked arithmetic of the Rust crate, and it
-    keeps a hostile shape of many huge dimensions from costing big-integer time."""
-    if 0 in shape:
-        return 0
+def _validate(
+    doc: tuple[tuple[str, object], ...], *, url: str, data_start: int, file_size: int
+) -> tuple[dict[str, TensorInfo], dict[str, str] | None]:
+    # Written for a million entries: one pass checks each entry's types, one its place and size.
+    metadata: dict[str, str] | None = None
+    seen_metadata = False
+    tensors: dict[str, TensorInfo] = {}
+    in_order = True
+    last_start = -1
+    for name, value in doc:
+        if name == METADATA_KEY:
+            if seen_metadata:
+                raise HeaderError(f"{url}: header has the key {name!r} more than once", url=url)
+            seen_metadata = True
+            metadata = _metadata(value, url)
+            continue
+        if name in tensors:
+            raise HeaderError(f"{url}: header has the key {name!r} more than once", url=url)
+        if type(value) is not tuple or not value:
+            raise _bad(url, name, "must be a JSON object with dtype, shape and data_offsets")
+        if len(value) == 3 and value[0][0] == "dtype" and value[1][0] == "shape" and value[2][0] == "data_offsets":
+            (_, dtype), (_, shape), (_, offsets) = value  # the order safetensors writes
+        else:
+            dtype, shape, offsets = _fields(name, value, url)
+        if type(dtype) is not str or dtype not in _DTYPES:
+            raise _bad(url, name, f"has unknown dtype {_shown(dtype)}")
+        if type(shape) is not list or (
+            shape and ({*map(type, shape)} != _INT or min(shape) < 0 or max(shape) > _MAX_INT64)
+        ):
+            raise _bad(url, name, f"has shape {_shown(shape)}; a shape is a list of integers in [0, 2**63)")
+        if type(offsets) is not list or len(offsets) != 2:
+            raise _bad_offsets(url, name, offsets)
+        begin, end = offsets
+        if type(begin) is not int or type(end) is not int or not (0 <= begin <= _MAX_INT64 and 0 <= end <= _MAX_INT64):
+            raise _bad_offsets(url, name, offsets)
+        if begin < last_start:
+            in_order = False
+        last_start = begin
+        tensors[name] = TensorInfo(name, _DTYPES[dtype], tuple(shape), data_start + begin, data_start + end)
+    if not in_order:
+        tensors = {info.name: info for info in sorted(tensors.values(), key=lambda info: (info.start, info.end))}
+
+    expected = data_start
+    previous: str | None = None
+    for name, dtype, shape, start, end in tensors.values():
+        if start != expected:
+            begin = start - data_start
+            if previous is None:
+                what = f"the first tensor must start at 0 but tensor {name!r} starts at {begin}"
+            elif start < expected:
+                what = (
+                    f"tensor {previous!r} ends at {expected - data_start} but tensor {name!r} starts at {begin} "
+                    "(overlap)"
+                )
+            else:
+                what = (
+                    f"tensor {previous!r} ends at {expected - data_start} but the next tensor {name!r} "
+                    f"starts at {begin} (gaps are not allowed)"
+                )
+            raise HeaderError(f"{url}: {what}", url=url, tensor=name)
+        if end < start:
+            raise _bad(url, name, f"has data_offsets [{start - data_start}, {end - data_start}] that end before they start")
+        if len(shape) <= 4 and 0 not in shape:
+            bits = math.prod(shape) * DTYPE_BITS[dtype]  # at most 4 dims below 2**63: no big-integer cost
+            if bits > _MAX_BITS:
+                bits = -1
+        else:
+            bits = _bits_needed(shape, DTYPE_BITS[dtype])
+        if bits < 0 or bits % 8 or bits // 8 != end - start:
+            needs = "more than 2**63 bytes" if bits < 0 else f"{bits / 8:g} bytes"
+            raise _bad(
+                url,
+                name,
+                f"of dtype {dtype} and shape {_short(shape)} needs {needs} but its data_offsets "
+                f"[{start - data_start}, {end - data_start}] span {end - start}",
+            )
+        expected = end
+        previous = name
+    if expected != file_size:
+        raise HeaderError(
+            f"{url}: tensors end at data offset {expected - data_start} (byte {expected}) "
+            f"but the object is {file_size} bytes long",
+            url=url,
+        )
+    return tensors, metadata
+
+
+def _fields(name: str, value: tuple[tuple[str, object], ...], url: str) -> tuple[object, object, object]:
+    """dtype, shape and data_offsets of an entry whose fields are not in safetensors' order (or not pairs)."""
+    if not all(type(pair) is tuple for pair in value):
+        raise _bad(url, name, "must be a JSON object with dtype, shape and data_offsets")
+    fields = dict(value)
+    if len(fields) != len(value):
+        raise _bad(url, name, f"has the field {_repeated_key(value)!r} more than once")
+    for required in ("dtype", "shape", "data_offsets"):
+        if required not in fields:
+            raise _bad(url, name, f"has no {required!r}")
+    return fields["dtype"], fields["shape"], fields["data_offsets"]
+
+
+def _bad_offsets(url: str, name: str, offsets: object) -> HeaderError:
+    return _bad(url, name, f"has data_offsets {_shown(offsets)}; expected two integers in [0, 2**63) [begin, end]")
+
+
+_INT = {int}
+
+
+def _metadata(value: object, url: str) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if type(value) is tuple:
+        metadata = dict(value)
+        if len(metadata) != len(value):
+            key = _repeated_key(value)
+            raise HeaderError(f"{url}: {METADATA_KEY} has the key {key!r} more than once", url=url)
+        if all(type(v) is str for v in metadata.values()):
+            return metadata
+    raise HeaderError(f"{url}: {METADATA_KEY} must map strings to strings", url=url)
+
+
+def _bad(url: str, name: str, what: str) -> HeaderError:
+    return HeaderError(f"{url}: tensor {name!r} {what}", url=url, tensor=name)
+
+
+def _shown(value: object) -> str:
+    """A header value as JSON (objects were parsed to tuples of pairs), cut short."""
+    def plain(v: object) -> object:
+        if type(v) is tuple:
+            return {k: plain(x) for k, x in v}  # type: ignore[misc]
+        if type(v) is list:
+            return [plain(x) for x in v]
+        return v
+
+    try:
+        text = repr(plain(value))
+    except RecursionError:
+        text = "(nested too deeply)"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# The dtype codes as one shared string each, so a million tensors do not hold a million copies.
+_DTYPES = {code: code for code in DTYPE_BITS}
+# Element counts and byte sizes must fit torch's int64 (dims of 0 aside: torch multiplies the others).
+_MAX_BITS = _MAX_INT64 * 8
+
+
+def _bits_needed(shape: tuple[int, ...], bits: int) -> int:
+    """numel × bits, or -1 if the product of the non-zero dims × bits passes int64 bytes (torch.empty
+    refuses those sizes even when another dim is 0); stops early, so a shape of many huge dims costs no
+    big-integer time."""
     total = bits
     for dim in shape:
-        total *= dim
-        if total > limit:
-            return None
-    return total
+        if dim:
+            total *= dim
+            if total > _MAX_BITS:
+                return -1
+    return 0 if 0 in shape else total
 
 
 def _short(shape: tuple[int, ...]) -> str:
     return str(list(shape)) if len(shape) <= 8 else f"[{', '.join(map(str, shape[:8]))}, ...] ({len(shape)} dims)"
-
-
-def _tensor_entry(name: str, value: object, url: str) -> tuple[str, tuple[str, tuple[int, ...]], tuple[int, int]]:
-    def bad(what: str) -> HeaderError:
-        return HeaderError(f"{url}: tensor {name!r} {what}", url=url, tensor=name)
-
-    if not isinstance(value, dict):
-        raise bad("must be a JSON object with dtype, shape and data_offsets")
-    for required in ("dtype", "shape", "data_offsets"):
-        if required not in value:
-            raise bad(f"has no {required!r}")
-    dtype, shape, offsets = value["dtype"], value["shape"], value["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
-        raise bad(f"has unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(_non_negative_int(d) for d in shape):
-        raise bad(f"has shape {shape!r}; a shape is a list of non-negative integers")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_non_negative_int(o) for o in offsets)):
-        raise bad(f"has data_offsets {offsets!r}; expected two non-negative integers [begin, end]")
-    return name, (dtype, tuple(shape)), (offsets[0], offsets[1])

@@ -56,25 +56,25 @@ MALFORMED = [
     pytest.param(
         {"w": entry("F32", [-1], 0, 4)},
         4,
-        f"{URL}: tensor 'w' has shape [-1]; a shape is a list of non-negative integers",
+        f"{URL}: tensor 'w' has shape [-1]; a shape is a list of integers in [0, 2**63)",
         id="negative-dim",
     ),
     pytest.param(
         {"w": entry("F32", [1.0], 0, 4)},
         4,  # type: ignore[list-item]
-        f"{URL}: tensor 'w' has shape [1.0]; a shape is a list of non-negative integers",
+        f"{URL}: tensor 'w' has shape [1.0]; a shape is a list of integers in [0, 2**63)",
         id="float-dim",
     ),
     pytest.param(
         {"w": entry("F32", [True], 0, 4)},
         4,  # type: ignore[list-item]
-        f"{URL}: tensor 'w' has shape [True]; a shape is a list of non-negative integers",
+        f"{URL}: tensor 'w' has shape [True]; a shape is a list of integers in [0, 2**63)",
         id="bool-dim",
     ),
     pytest.param(
         {"w": {"dtype": "F32", "shape": [1], "data_offsets": [0]}},
         4,
-        f"{URL}: tensor 'w' has data_offsets [0]; expected two non-negative integers [begin, end]",
+        f"{URL}: tensor 'w' has data_offsets [0]; expected two integers in [0, 2**63) [begin, end]",
         id="offsets-arity",
     ),
     pytest.param(
@@ -105,7 +105,7 @@ MALFORMED = [
         {"w": entry("F32", [2**62, 2**62, 2**62], 0, 4)},
         4,
         f"{URL}: tensor 'w' of dtype F32 and shape [{2**62}, {2**62}, {2**62}] needs more than "
-        "2**64 bytes but its data_offsets [0, 4] span 4",
+        "2**63 bytes but its data_offsets [0, 4] span 4",
         id="overflow",
     ),
     pytest.param(
