@@ -14,7 +14,7 @@ import json
 import math
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -203,18 +203,34 @@ def parse_header(raw: bytes | bytearray | memoryview, *, url: str, file_size: in
     with _gc_paused():
         try:
             # Objects become tuples of pairs (arrays stay lists): parsed in C, duplicates still visible.
-            doc = json.loads(text, object_pairs_hook=tuple)
+            doc = json.loads(text, object_pairs_hook=tuple, parse_constant=_no_constant, parse_int=_int_rule(text))
         except RecursionError:
             raise HeaderError(f"{url}: header JSON is nested too deeply", url=url) from None
         except MemoryError:
             raise HeaderError(f"{url}: header of {header_size} bytes is too large to parse here", url=url) from None
         except ValueError as exc:
             raise HeaderError(f"{url}: header is not valid JSON ({exc})", url=url) from None
-        del text
+        del text  # before the tensors are built: the peak is the text or the parsed tree, not both
         if escaped_surrogate:
             _reject_lone_surrogates(doc, url)
         tensors, metadata = _validate(doc, url=url, data_start=LENGTH_PREFIX + header_size, file_size=file_size)
+        del doc  # freed while the collector still sleeps, so it never scans the parsed tree
     return Header(url=url, header_size=header_size, file_size=file_size, tensors=tensors, metadata=metadata)
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")  # Python's json reads NaN and Infinity, JSON (and the crate) do not
+
+
+_NEGATIVE_ZERO = re.compile(r"[\[,:][ \t\n\r]*-0[ \t\n\r]*[,\]}]")
+
+
+def _int_rule(text: str) -> Callable[[str], object] | None:
+    """The crate reads ``-0`` as a float (so no dimension or offset), Python as the int 0; the costly hook
+    that keeps it a float is used only when the text may hold one."""
+    if "-0" in text and _NEGATIVE_ZERO.search(text):
+        return lambda digits: -0.0 if digits == "-0" else int(digits)
+    return None
 
 
 def _reject_lone_surrogates(doc: tuple[tuple[str, object], ...], url: str) -> None:
@@ -272,7 +288,9 @@ def _validate(
         if begin < last_start:
             in_order = False
         last_start = begin
-        tensors[name] = TensorInfo(name, _DTYPES[dtype], tuple(shape), data_start + begin, data_start + end)
+        tensors[name] = _new_info(
+            TensorInfo, (name, _DTYPES[dtype], tuple(shape), data_start + begin, data_start + end)
+        )
     if not in_order:
         tensors = {info.name: info for info in sorted(tensors.values(), key=lambda info: (info.start, info.end))}
 
@@ -295,13 +313,17 @@ def _validate(
                 )
             raise HeaderError(f"{url}: {what}", url=url, tensor=name)
         if end < start:
-            raise _bad(url, name, f"has data_offsets [{start - data_start}, {end - data_start}] that end before they start")
+            raise _bad(
+                url, name, f"has data_offsets [{start - data_start}, {end - data_start}] that end before they start"
+            )
         if len(shape) <= 4 and 0 not in shape:
             bits = math.prod(shape) * DTYPE_BITS[dtype]  # at most 4 dims below 2**63: no big-integer cost
             if bits > _MAX_BITS:
                 bits = -1
         else:
             bits = _bits_needed(shape, DTYPE_BITS[dtype])
+        if bits < 0 and 0 in shape:
+            raise _bad(url, name, f"has shape {_short(shape)}, too large for torch even when empty (2**63 bytes)")
         if bits < 0 or bits % 8 or bits // 8 != end - start:
             needs = "more than 2**63 bytes" if bits < 0 else f"{bits / 8:g} bytes"
             raise _bad(
@@ -331,7 +353,31 @@ def _fields(name: str, value: tuple[tuple[str, object], ...], url: str) -> tuple
     for required in ("dtype", "shape", "data_offsets"):
         if required not in fields:
             raise _bad(url, name, f"has no {required!r}")
+    for key, extra in fields.items():
+        if key not in ("dtype", "shape", "data_offsets") and _deeper_than(extra, _MAX_EXTRA_DEPTH):
+            raise _bad(url, name, f"has a field {key!r} nested more than {_MAX_EXTRA_DEPTH} deep")
     return fields["dtype"], fields["shape"], fields["data_offsets"]
+
+
+# serde_json, the crate's parser, refuses JSON nested more than 127 deep: the header object, the entry, and
+# 125 levels of a field it otherwise ignores (metadata values and the known fields cannot nest at all).
+_MAX_EXTRA_DEPTH = 125
+
+
+def _deeper_than(value: object, depth: int) -> bool:
+    """Whether ``value`` (objects as tuples of pairs) nests more than ``depth`` arrays or objects deep."""
+    level: list[object] = [value]
+    for _ in range(depth):
+        children: list[object] = []
+        for item in level:
+            if type(item) is list:
+                children.extend(item)
+            elif type(item) is tuple:
+                children.extend(pair[1] for pair in item)
+        if not children:
+            return False
+        level = children
+    return any(type(item) in (list, tuple) for item in level)
 
 
 def _bad_offsets(url: str, name: str, offsets: object) -> HeaderError:
@@ -339,6 +385,7 @@ def _bad_offsets(url: str, name: str, offsets: object) -> HeaderError:
 
 
 _INT = {int}
+_new_info = tuple.__new__  # TensorInfo(...) without the Python frame of its __new__
 
 
 def _metadata(value: object, url: str) -> dict[str, str] | None:
@@ -360,9 +407,10 @@ def _bad(url: str, name: str, what: str) -> HeaderError:
 
 def _shown(value: object) -> str:
     """A header value as JSON (objects were parsed to tuples of pairs), cut short."""
+
     def plain(v: object) -> object:
         if type(v) is tuple:
-            return {k: plain(x) for k, x in v}  # type: ignore[misc]
+            return {k: plain(x) for k, x in v}
         if type(v) is list:
             return [plain(x) for x in v]
         return v
@@ -381,9 +429,8 @@ _MAX_BITS = _MAX_INT64 * 8
 
 
 def _bits_needed(shape: tuple[int, ...], bits: int) -> int:
-    """numel × bits, or -1 if the product of the non-zero dims × bits passes int64 bytes (torch.empty
-    refuses those sizes even when another dim is 0); stops early, so a shape of many huge dims costs no
-    big-integer time."""
+    """numel × bits, or -1 if the product of the non-zero dims × bits passes 2**63 bytes (torch.empty
+    refuses most such shapes even when a dim is 0); stops early, so many huge dims cost no big-integer time."""
     total = bits
     for dim in shape:
         if dim:

@@ -249,9 +249,13 @@ def test_f4_with_an_odd_last_dim_and_f6_are_clear_errors(tmp_path: Path) -> None
     odd = _raw_file(tmp_path / "odd.safetensors", {"w": ("F4", [2, 3], b"\x12\x34\x56")})
     with pytest.raises(safetensors.SafetensorError, match="last dim be divisible by 2"):
         safetensors.torch.load_file(str(odd))
-    with pytest.raises(sst.UnsupportedDtypeError, match=r"tensor 'w' has dtype F4 and shape \[2, 3\]; .* last dim must be even"):
+    with pytest.raises(
+        sst.UnsupportedDtypeError, match=r"tensor 'w' has dtype F4 and shape \[2, 3\]; .* last dim must be even"
+    ):
         sst.load_file(str(odd))
-    f6 = _raw_file(tmp_path / "f6.safetensors", {"w": ("F6_E2M3", [4], b"\x12\x34\x56"), "ok": ("U8", [2], b"\x01\x02")})
+    f6 = _raw_file(
+        tmp_path / "f6.safetensors", {"w": ("F6_E2M3", [4], b"\x12\x34\x56"), "ok": ("U8", [2], b"\x01\x02")}
+    )
     assert sst.load_file(str(f6), tensors="ok")["ok"].tolist() == [1, 2]
     with pytest.raises(sst.UnsupportedDtypeError, match="tensor 'w' has dtype F6_E2M3, which this torch"):
         sst.load_file(str(f6))
