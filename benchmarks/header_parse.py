@@ -73,10 +73,9 @@ def worker(contender: str, path: str) -> None:
     sys.path.insert(0, str(ROOT))
     import safetensors
 
+    import stream_st
     from stream_st.errors import HeaderError
     from stream_st.header import LENGTH_PREFIX, parse_header
-
-    import stream_st
 
     raw = Path(path).read_bytes() if contender == "stream_st" else b""
     size = int.from_bytes(raw[:LENGTH_PREFIX], "little") if raw else 0
@@ -124,9 +123,11 @@ def main() -> None:
     import safetensors
     import torch
 
-    print(f"# {time.strftime('%Y-%m-%d')}, {platform.node()}: {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, Python {platform.python_version()}, safetensors {safetensors.__version__}, "
-          f"torch {torch.__version__}; median of {args.repeat}, each in a fresh process")
+    print(
+        f"# {time.strftime('%Y-%m-%d')}, {platform.node()}: {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, Python {platform.python_version()}, safetensors {safetensors.__version__}, "
+        f"torch {torch.__version__}; median of {args.repeat}, each in a fresh process"
+    )
     counts = [int(c) for c in args.tensors.split(",") if c]
     cases: list[tuple[str, bytes]] = [(f"{n:,} tensors", dense(n)) for n in counts]
     if counts:
@@ -134,8 +135,10 @@ def main() -> None:
     if args.metadata_mb:
         cases.append((f"{args.metadata_mb} MB of metadata", metadata_heavy(args.metadata_mb * 1_000_000)))
 
-    print("| header | MB | crate s | stream_st s | ratio | read_header s | ratio | peak × header: crate / "
-          "stream_st / read_header |")
+    print(
+        "| header | MB | crate s | stream_st s | ratio | read_header s | ratio | peak × header: crate / "
+        "stream_st / read_header |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---|")
     with tempfile.TemporaryDirectory() as folder:
         for label, data in cases:
