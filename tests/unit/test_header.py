@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
+import io
 import json
+import re
 import struct
 from pathlib import Path
 
 import pytest
+import safetensors
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -187,3 +191,151 @@ def test_arbitrary_json_raises_header_error_or_parses_consistently(doc: dict[str
     spans = sorted((t.start, t.end) for t in header)  # type: ignore[attr-defined]
     for (_, end), (start, _) in zip(spans, spans[1:]):
         assert end == start
+
+
+# --- hostile headers: a HeaderError naming the URL, never another exception ------------------------------
+
+HOSTILE = [
+    pytest.param(entry("F32", [2**63, 0], 0, 0), 0, "shape", id="dim-2**63"),
+    pytest.param(entry("F32", [2**64 - 1], 0, 4), 4, "shape", id="dim-2**64-1"),
+    pytest.param(entry("F32", [2**40, 2**30, 0], 0, 0), 0, "too large for torch even when empty", id="empty-overflow"),
+    pytest.param(entry("F32", [2**31] * 4, 0, 4), 4, "needs more than 2**63 bytes", id="product-overflow"),
+    pytest.param(entry("F32", [2**62] * 1000, 0, 4), 4, "needs more than 2**63 bytes", id="many-huge-dims"),
+    pytest.param(entry("I16", [2**62], 0, 2**63), 2**63, "data_offsets", id="offset-2**63"),
+    pytest.param(entry("F32", [1], 0, 2**64 + 4), 4, "data_offsets", id="offset-2**64"),
+]
+
+
+@pytest.mark.parametrize(("value", "data", "message"), HOSTILE)
+def test_values_torch_cannot_take_are_header_errors(value: dict[str, object], data: int, message: str) -> None:
+    with pytest.raises(HeaderError, match=re.escape(message)) as caught:
+        parse({"w": value}, data)
+    assert caught.value.url == URL and str(caught.value).startswith(URL)
+
+
+def raw_header(text: str | bytes, data: bytes = b"\0" * 4) -> bytes:
+    raw = text.encode() if isinstance(text, str) else text
+    return len(raw).to_bytes(8, "little") + raw + data
+
+
+W = '"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}'
+
+
+def ours(file: bytes) -> object:
+    size = declared_header_size(file[:16], url=URL, file_size=len(file), max_header_size=10**8)
+    return parse_header(memoryview(file)[8 : 8 + size], url=URL, file_size=len(file))
+
+
+def crate(file: bytes) -> list[tuple[str, dict[str, object]]] | None:
+    try:
+        return safetensors.deserialize(file)  # type: ignore[no-any-return]
+    except safetensors.SafetensorError:
+        return None
+
+
+AS_THE_CRATE = [
+    pytest.param(" \n\t\r{" + W + "}", True, "", id="leading-whitespace"),
+    pytest.param("{" + W + "} \n", True, "", id="trailing-whitespace"),
+    pytest.param("{" + W + "}x", False, "not valid JSON (Extra data", id="trailing-junk"),
+    pytest.param("\u00a0{" + W + "}", False, "must be a JSON object", id="leading-nbsp"),
+    pytest.param('{"\\ud800":' + W[4:] + "}", False, "unpaired surrogate", id="lone-surrogate-name"),
+    pytest.param('{"\\udc00x":' + W[4:] + "}", False, "unpaired surrogate", id="lone-low-surrogate-name"),
+    pytest.param('{"\\ud83d\\ude00":' + W[4:] + "}", True, "", id="surrogate-pair-name"),
+    pytest.param('{"__metadata__":{"k":"\\ud800"},' + W + "}", False, "unpaired surrogate", id="surrogate-metadata"),
+    pytest.param('{"__metadata__":null,' + W + "}", True, "", id="null-metadata"),
+    pytest.param('{"__metadata__":{"k":1},' + W + "}", False, "must map strings to strings", id="int-metadata"),
+    pytest.param('{"__metadata__":{"k":["v"]},' + W + "}", False, "must map strings to strings", id="list-metadata"),
+    pytest.param('{"__metadata__":{"k":true},' + W + "}", False, "must map strings to strings", id="bool-metadata"),
+    pytest.param('{"__metadata__":[],' + W + "}", False, "must map strings to strings", id="array-metadata"),
+    pytest.param(
+        '{"__metadata__":{"k":' + "[" * 100_000 + "]" * 100_000 + "}," + W + "}",
+        False,
+        "nested too deeply",
+        id="deep-metadata",
+    ),
+    pytest.param('{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":NaN}}', False, "NaN", id="nan"),
+    pytest.param('{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":-Infinity}}', False, "-Infinity is not JSON", id="inf"),
+    pytest.param('{"w":{"dtype":"F32","shape":[-0],"data_offsets":[0,0]}}', False, "-0.0", id="negative-zero-dim"),
+    pytest.param('{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":-0}}', True, "", id="negative-zero-extra"),
+    pytest.param('{"w-0":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', True, "", id="minus-zero-in-a-name"),
+    pytest.param('{"w":{"dtype":"F32","shape":[1e0],"data_offsets":[0,4]}}', False, "shape [1.0]", id="exponent-dim"),
+    pytest.param(
+        '{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":' + "[" * 125 + "]" * 125 + "}}",
+        True,
+        "",
+        id="extra-field-125-deep",
+    ),
+    pytest.param(
+        '{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":' + "[" * 126 + "]" * 126 + "}}",
+        False,
+        "nested more than 125 deep",
+        id="extra-field-126-deep",
+    ),
+    pytest.param('{"w":{"shape":[1],"data_offsets":[0,4],"dtype":"F32"}}', True, "", id="fields-in-any-order"),
+    pytest.param(
+        '{"w":{"dtype":"F32","dtype":"F32","shape":[1],"data_offsets":[0,4]}}', False, "more than once", id="dup-field"
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "accepted", "message"), AS_THE_CRATE)
+def test_accepts_and_refuses_as_safetensors_does(text: str, accepted: bool, message: str) -> None:
+    data = b"" if '"data_offsets":[0,0]' in text else b"\0" * 4
+    file = raw_header(text, data)
+    assert (crate(file) is not None) == accepted
+    if accepted:
+        assert ours(file).keys() == sorted(name for name, _ in crate(file) or [])  # type: ignore[attr-defined]
+    else:
+        with pytest.raises(HeaderError, match=re.escape(message)) as caught:
+            ours(file)
+        assert caught.value.url == URL
+
+
+# --- not a safetensors file at all ---------------------------------------------------------------------------
+
+
+def _torch_bytes(**options: object) -> bytes:
+    buffer = io.BytesIO()
+    torch.save({"w": torch.ones(3)}, buffer, **options)  # type: ignore[arg-type]
+    return buffer.getvalue()
+
+
+NOT_SAFETENSORS = [
+    pytest.param(b"<!DOCTYPE html>\n<html><head><title>404</title></head></html>", "an HTML page", id="html"),
+    pytest.param(b"\n  <html><body>Access denied</body></html>", "an HTML page", id="html-lowercase"),
+    pytest.param(b'<?xml version="1.0"?><Error><Code>NoSuchKey</Code></Error>', "an XML document", id="s3-error"),
+    pytest.param(_torch_bytes(), "a zip archive (a PyTorch .bin/.pt checkpoint?)", id="torch-zip"),
+    pytest.param(
+        _torch_bytes(_use_new_zipfile_serialization=False), "a Python pickle (a PyTorch .bin checkpoint", id="pickle"
+    ),
+    pytest.param(gzip.compress(b"x" * 100, mtime=0), "a gzip stream", id="gzip"),
+    pytest.param(b'{"weight_map": {"w": "model-00001.safetensors"}}', "JSON text", id="index-json"),
+    pytest.param(
+        b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 12\n", "a Git LFS pointer", id="lfs"
+    ),
+    pytest.param(b"Service Unavailable, please retry", "looks like text", id="text"),
+    pytest.param(b"GGUF\x03\x00\x00\x00" + bytes(32), "a GGUF model file", id="gguf"),
+]
+
+
+@pytest.mark.parametrize(("content", "kind"), NOT_SAFETENSORS)
+def test_a_file_that_is_not_safetensors_says_what_it_looks_like(content: bytes, kind: str) -> None:
+    with pytest.raises(HeaderError, match=re.escape(kind)) as caught:
+        declared_header_size(content[:4096], url=URL, file_size=len(content), max_header_size=10**8)
+    message = str(caught.value)
+    assert message.startswith(f"{URL}: not a safetensors file: it looks like ") or "too small" in message
+    assert "max_header_size" not in message
+
+
+def test_a_short_text_file_is_named_too() -> None:
+    with pytest.raises(HeaderError, match="too small to be safetensors .*, and it looks like text"):
+        declared_header_size(b"oops", url=URL, file_size=4, max_header_size=100)
+
+
+def test_genuine_headers_are_not_mistaken_for_other_formats(tmp_path: Path) -> None:
+    # A header length whose bytes spell a signature ("PK\x03\x04" is 67,324,752) is still read as a length.
+    size = int.from_bytes(b"PK\x03\x04", "little")
+    prefix = size.to_bytes(8, "little") + b"{"
+    assert declared_header_size(prefix, url=URL, file_size=size + 100, max_header_size=10**8) == size
+    raw = write(tmp_path / "f.safetensors", {"w": torch.ones(2)}).read_bytes()
+    assert declared_header_size(raw, url=URL, file_size=len(raw), max_header_size=10**8) > 0
