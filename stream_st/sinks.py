@@ -57,7 +57,7 @@ def output_tensor(
             tensor=info.name,
         )
     shape = held
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if buffer is not None:
         assert buffer.dtype == torch.uint8 and buffer.numel() == nbytes, (info.name, buffer.numel(), nbytes)
         return OutputTensor(buffer, dtype, shape)

@@ -6,6 +6,7 @@ import contextlib
 import gzip
 import io
 import json
+import math
 import re
 import struct
 from pathlib import Path
@@ -17,6 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from checkpoints import write
+from stream_st import header as header_module
+from stream_st.dtypes import DTYPE_BITS
 from stream_st.errors import HeaderError
 from stream_st.header import declared_header_size, parse_header
 
@@ -254,7 +257,9 @@ AS_THE_CRATE = [
         id="deep-metadata",
     ),
     pytest.param('{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":NaN}}', False, "NaN", id="nan"),
-    pytest.param('{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":-Infinity}}', False, "-Infinity is not JSON", id="inf"),
+    pytest.param(
+        '{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":-Infinity}}', False, "-Infinity is not JSON", id="inf"
+    ),
     pytest.param('{"w":{"dtype":"F32","shape":[-0],"data_offsets":[0,0]}}', False, "-0.0", id="negative-zero-dim"),
     pytest.param('{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":-0}}', True, "", id="negative-zero-extra"),
     pytest.param('{"w-0":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', True, "", id="minus-zero-in-a-name"),
@@ -339,3 +344,147 @@ def test_genuine_headers_are_not_mistaken_for_other_formats(tmp_path: Path) -> N
     assert declared_header_size(prefix, url=URL, file_size=size + 100, max_header_size=10**8) == size
     raw = write(tmp_path / "f.safetensors", {"w": torch.ones(2)}).read_bytes()
     assert declared_header_size(raw, url=URL, file_size=len(raw), max_header_size=10**8) > 0
+
+
+# --- differential fuzzing against the safetensors crate -----------------------------------------------------
+
+
+class Raw(str):
+    """A JSON token written as is (``-0``, ``1.0``, ``NaN``, a huge integer)."""
+
+
+Obj = list[tuple[str, object]]  # a JSON object as pairs, so that a key can appear twice
+
+
+def dump(value: object) -> str:
+    if isinstance(value, Raw):
+        return str(value)
+    if isinstance(value, list) and value and all(isinstance(p, tuple) for p in value):
+        return "{" + ",".join(f"{json.dumps(k)}:{dump(v)}" for k, v in value) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(dump(v) for v in value) + "]"
+    return json.dumps(value)  # strings escape lone surrogates as \udXXX, as a hostile writer could
+
+
+ODD_NUMBERS = ["1.0", "-1", "-0", "true", "null", '"1"', "1e0", str(2**63 - 1), str(2**63), str(2**64), "[]", "{}"]
+BAD_DTYPES: list[object] = ["F31", "f32", "", 1, None, ["F32"]]
+MUTATIONS = [
+    "none", "offset", "reverse", "duplicate", "dim", "dtype", "extra", "missing", "field-order", "metadata",
+    "whitespace", "junk", "surrogate", "nan", "data", "empty",
+]  # fmt: skip
+
+
+@st.composite
+def headers(draw: st.DrawFn) -> tuple[bytes, str]:
+    """A file: a consistent header of a few tensors, with at most two mutations applied to it."""
+    specs = draw(
+        st.lists(
+            st.tuples(
+                st.sampled_from(["a", "b", "layer.0.w", "ü", "\U0001f600"]),
+                st.sampled_from(sorted(DTYPE_BITS)),
+                st.lists(st.integers(0, 4) | st.sampled_from([2**62, 2**63 - 1]), max_size=3),
+            ),
+            max_size=4,
+            unique_by=lambda s: s[0],
+        )
+    )
+    entries: list[tuple[str, Obj]] = []
+    offset = 0
+    for name, dtype, shape in specs:
+        nbytes = math.prod(shape) * DTYPE_BITS[dtype] // 8 if 0 not in shape else 0
+        if nbytes > 1 << 20 or (0 not in shape and math.prod(shape) * DTYPE_BITS[dtype] % 8):
+            shape = [8]  # a whole number of bytes for every dtype, F4 and F6 included
+            nbytes = DTYPE_BITS[dtype]
+        fields: Obj = [("dtype", dtype), ("shape", list(shape)), ("data_offsets", [offset, offset + nbytes])]
+        entries.append((name, fields))
+        offset += nbytes
+    metadata: object = None
+    lead, trail, data = "", "", offset
+    applied = draw(st.lists(st.sampled_from(MUTATIONS), max_size=2))
+    for mutation in applied:
+        target = draw(st.integers(0, max(0, len(entries) - 1)))
+        fields = entries[target][1] if entries else []
+        keys = [key for key, _ in fields]
+        if mutation == "offset" and "data_offsets" in keys:
+            at = keys.index("data_offsets")
+            step = draw(st.sampled_from([-1, 1]))
+            fields[at] = ("data_offsets", [o + step for o in fields[at][1]])  # type: ignore[attr-defined]
+        elif mutation == "reverse":
+            entries.reverse()
+        elif mutation == "duplicate" and entries:
+            entries.append(entries[target])
+        elif mutation == "dim" and "shape" in keys:
+            at = keys.index("shape")
+            fields[at] = ("shape", [Raw(draw(st.sampled_from(ODD_NUMBERS)))] + list(fields[at][1]))  # type: ignore[call-overload]
+        elif mutation == "dtype" and "dtype" in keys:
+            fields[keys.index("dtype")] = ("dtype", draw(st.sampled_from(BAD_DTYPES)))
+        elif mutation == "extra" and entries:
+            depth = draw(st.sampled_from([1, 125, 126]))
+            fields.append(("x", Raw("[" * depth + "]" * depth)))
+        elif mutation == "missing" and fields:
+            del fields[draw(st.integers(0, len(fields) - 1))]
+        elif mutation == "field-order" and entries:
+            fields.reverse()
+        elif mutation == "metadata":
+            metadata = draw(
+                st.sampled_from([Raw("null"), [("k", "v")], [("k", 1)], [("k", [("a", "b")])], Raw("[]"), Raw("{}")])
+            )
+        elif mutation == "whitespace":
+            lead, trail = draw(st.sampled_from([" ", "\n\t", ""])), draw(st.sampled_from([" ", "\r\n", ""]))
+        elif mutation == "junk":
+            trail = draw(st.sampled_from(["x", "\x00", "}", ","]))
+        elif mutation == "surrogate" and entries:
+            entries[target] = (draw(st.sampled_from(["\ud800", "a\udfff", "\ud83d\ude00"])), fields)
+        elif mutation == "nan" and entries:
+            fields.append(("x", Raw(draw(st.sampled_from(["NaN", "Infinity", "-0"])))))
+        elif mutation == "data":
+            data += draw(st.sampled_from([-1, 1]))
+        elif mutation == "empty":
+            entries = []
+    pairs: Obj = ([("__metadata__", metadata)] if metadata is not None else []) + list(entries)
+    text = lead + (dump(pairs) if pairs else "{}") + trail
+    raw = text.encode("utf-8", "surrogatepass") if "surrogate" not in applied else text.encode()
+    return len(raw).to_bytes(8, "little") + raw + b"\0" * max(0, data), ",".join(applied)
+
+
+# Where stream_st is deliberately stricter than the crate (each is in the module docstring of header.py).
+STRICTER = ("more than once", "2**63", "too large for torch")
+
+
+@settings(max_examples=400, deadline=None)
+@given(headers())
+def test_accepts_what_the_crate_accepts_and_refuses_what_it_refuses(case: tuple[bytes, str]) -> None:
+    file, mutations = case
+    expected = crate(file)
+    try:
+        header = ours(file)
+    except HeaderError as exc:
+        assert exc.url == URL and str(exc).startswith(URL)
+        assert expected is None or any(s in str(exc) for s in STRICTER), (mutations, str(exc))
+        return
+    assert expected is not None, (mutations, "stream_st accepted what the crate refused")
+    got = {info.name: (info.dtype, list(info.shape), file[info.start : info.end]) for info in header}  # type: ignore[attr-defined]
+    assert got == {name: (t["dtype"], t["shape"], bytes(t["data"])) for name, t in expected}  # type: ignore[index]
+
+
+@settings(max_examples=400, deadline=None)
+@given(headers())
+def test_the_fast_path_agrees_with_the_careful_validator(case: tuple[bytes, str]) -> None:
+    file, _ = case
+    size = int.from_bytes(file[:8], "little")
+    try:
+        doc = json.loads(file[8 : 8 + size].decode(), object_pairs_hook=tuple)
+    except ValueError:
+        return
+    if not isinstance(doc, tuple):
+        return
+    args = {"url": URL, "data_start": 8 + size, "file_size": len(file)}
+    try:
+        careful: object = header_module._validate(doc, **args)  # type: ignore[arg-type]
+    except HeaderError:
+        careful = HeaderError
+    try:
+        fast: object = header_module._validate_common(doc, **args)  # type: ignore[arg-type]
+    except header_module._NotCommonError:
+        return
+    assert fast == careful  # never accepts what the careful validator refuses, nor builds another result
