@@ -1,10 +1,14 @@
 """Parse and validate a safetensors header: pure functions over bytes, no I/O.
 
-The checks follow the safetensors Rust crate (size cap, UTF-8 JSON object, known dtypes, non-negative
-integer shapes, checked arithmetic, offsets contiguous from 0 with no gaps or overlaps, each span equal to
-numel × itemsize, last end equal to the data length) and add two of our own: no duplicate keys, and the
-data length implied by the header must equal the object's real size. Nothing is allocated from a header
-value before it has been checked against the object's size.
+The checks follow the safetensors Rust crate (0.8): size cap, UTF-8 JSON object (leading and trailing JSON
+whitespace allowed; NaN, Infinity, unpaired surrogate escapes and nesting past serde_json's 127 levels
+refused), known dtypes, non-negative integer shapes and offsets, checked arithmetic, offsets contiguous from
+0 with no gaps or overlaps, each span equal to numel × itemsize, last end equal to the data length. Where
+stream_st is stricter: no key may appear twice (the crate keeps the last of two tensors of one name), dims,
+offsets and sizes must fit torch's int64 (the crate accepts up to 2**64, which torch.empty then refuses),
+and the data length implied by the header must equal the object's real size. Nothing is allocated from a
+header value before it has been checked against the object's size, and a file that is not safetensors at
+all (an HTML page, a zip or pickle checkpoint, ...) is named as what it looks like.
 """
 
 from __future__ import annotations
