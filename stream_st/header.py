@@ -257,6 +257,8 @@ def _reject_lone_surrogates(doc: tuple[tuple[str, object], ...], url: str) -> No
         json.dumps(doc, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
         raise HeaderError(f"{url}: header holds a string with an unpaired surrogate escape", url=url) from None
+    except RecursionError:
+        raise HeaderError(f"{url}: header JSON is nested too deeply", url=url) from None
 
 
 class _NotCommonError(Exception):
