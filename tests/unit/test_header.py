@@ -488,3 +488,12 @@ def test_the_fast_path_agrees_with_the_careful_validator(case: tuple[bytes, str]
     except header_module._NotCommonError:
         return
     assert fast == careful  # never accepts what the careful validator refuses, nor builds another result
+
+
+def test_an_empty_tensor_listed_after_its_neighbour_is_put_first_as_the_crate_does() -> None:
+    text = (
+        '{"a":{"dtype":"BF16","shape":[],"data_offsets":[0,2]},"b":{"dtype":"BF16","shape":[0],"data_offsets":[0,0]}}'
+    )
+    file = raw_header(text, b"\0\0")
+    assert [name for name, _ in crate(file) or []] == ["b", "a"]
+    assert ours(file).offset_keys() == ["b", "a"]  # type: ignore[attr-defined]
