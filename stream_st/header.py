@@ -221,9 +221,12 @@ def parse_header(raw: bytes | bytearray | memoryview, *, url: str, file_size: in
             _reject_lone_surrogates(doc, url)
         data_start = LENGTH_PREFIX + header_size
         try:
-            tensors, metadata = _validate_common(doc, url=url, data_start=data_start, file_size=file_size)
+            validated = _validate_common(doc, url=url, data_start=data_start, file_size=file_size)
         except _NotCommonError:
-            tensors, metadata = _validate(doc, url=url, data_start=data_start, file_size=file_size)
+            validated = None  # (outside the except block, so the fast path's partial result is freed first)
+        if validated is None:
+            validated = _validate(doc, url=url, data_start=data_start, file_size=file_size)
+        tensors, metadata = validated
         del doc  # freed while the collector still sleeps, so it never scans the parsed tree
     return Header(url=url, header_size=header_size, file_size=file_size, tensors=tensors, metadata=metadata)
 
