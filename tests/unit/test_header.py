@@ -278,6 +278,9 @@ AS_THE_CRATE = [
     ),
     pytest.param('{"w":{"shape":[1],"data_offsets":[0,4],"dtype":"F32"}}', True, "", id="fields-in-any-order"),
     pytest.param(
+        '{"w":[["dtype","F32"],["shape",[1]],["data_offsets",[0,4]]]}', False, "must be a JSON object", id="array-entry"
+    ),
+    pytest.param(
         '{"w":{"dtype":"F32","dtype":"F32","shape":[1],"data_offsets":[0,4]}}', False, "more than once", id="dup-field"
     ),
 ]
@@ -370,7 +373,7 @@ ODD_NUMBERS = ["1.0", "-1", "-0", "true", "null", '"1"', "1e0", str(2**63 - 1), 
 BAD_DTYPES: list[object] = ["F31", "f32", "", 1, None, ["F32"]]
 MUTATIONS = [
     "none", "offset", "reverse", "duplicate", "dim", "dtype", "extra", "missing", "field-order", "metadata",
-    "whitespace", "junk", "surrogate", "nan", "data", "empty",
+    "whitespace", "junk", "surrogate", "nan", "data", "empty", "array",
 ]  # fmt: skip
 
 
@@ -403,7 +406,7 @@ def headers(draw: st.DrawFn) -> tuple[bytes, str]:
     applied = draw(st.lists(st.sampled_from(MUTATIONS), max_size=2))
     for mutation in applied:
         target = draw(st.integers(0, max(0, len(entries) - 1)))
-        fields = entries[target][1] if entries else []
+        fields = entries[target][1] if entries and not isinstance(entries[target][1], Raw) else []
         keys = [key for key, _ in fields]
         if mutation == "offset" and "data_offsets" in keys:
             at = keys.index("data_offsets")
@@ -441,6 +444,9 @@ def headers(draw: st.DrawFn) -> tuple[bytes, str]:
             data += draw(st.sampled_from([-1, 1]))
         elif mutation == "empty":
             entries = []
+        elif mutation == "array" and entries:  # the fields as an array of pairs, not an object
+            array = Raw("[" + ",".join(f"[{json.dumps(k)},{dump(v)}]" for k, v in fields) + "]")
+            entries[target] = (entries[target][0], array)  # type: ignore[assignment]
     pairs: Obj = ([("__metadata__", metadata)] if metadata is not None else []) + list(entries)
     text = lead + (dump(pairs) if pairs else "{}") + trail
     raw = text.encode("utf-8", "surrogatepass") if "surrogate" not in applied else text.encode()
@@ -497,3 +503,29 @@ def test_an_empty_tensor_listed_after_its_neighbour_is_put_first_as_the_crate_do
     file = raw_header(text, b"\0\0")
     assert sorted(name for name, _ in crate(file) or []) == ["a", "b"]  # accepted (its order varies run to run)
     assert ours(file).offset_keys() == ["b", "a"]  # type: ignore[attr-defined]  # sorted by (begin, end)
+
+
+@settings(max_examples=400, deadline=None)
+@given(headers())
+def test_parse_header_names_the_error_the_careful_validator_names(case: tuple[bytes, str]) -> None:
+    """The fast path and the careful validator resuming after it end as the careful validator alone does."""
+    file, _ = case
+    size = int.from_bytes(file[:8], "little")
+    text = file[8 : 8 + size].decode()
+    try:
+        rules = {"parse_constant": header_module._no_constant, "parse_int": header_module._int_rule(text)}
+        doc = json.loads(text, object_pairs_hook=tuple, **rules)  # type: ignore[arg-type]
+        if not isinstance(doc, tuple):
+            return
+        header_module._reject_lone_surrogates(doc, URL)
+        alone: object = header_module._validate(doc, url=URL, data_start=8 + size, file_size=len(file))
+    except HeaderError as exc:
+        alone = str(exc)
+    except ValueError:  # not JSON: nothing to validate
+        return
+    try:
+        header = ours(file)
+    except HeaderError as exc:
+        assert str(exc) == alone
+        return
+    assert (header.tensors, header.metadata) == alone  # type: ignore[attr-defined]
