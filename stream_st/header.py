@@ -217,20 +217,29 @@ def parse_header(raw: bytes | bytearray | memoryview, *, url: str, file_size: in
         except ValueError as exc:
             raise HeaderError(f"{url}: header is not valid JSON ({exc})", url=url) from None
         del text  # before the tensors are built: the peak is the text or the parsed tree, not both
-        if escaped_surrogate:
-            _reject_lone_surrogates(doc, url)
-        data_start = LENGTH_PREFIX + header_size
-        trusted = 0
         try:
-            validated = _validate_common(doc, url=url, data_start=data_start, file_size=file_size)
-        except _NotCommonError as exc:
-            validated = None  # (outside the except block, so the fast path's partial result is freed first)
-            trusted = exc.args[0] if exc.args else 0
-        if validated is None:
-            validated = _validate(doc, url=url, data_start=data_start, file_size=file_size, trusted=trusted)
-        tensors, metadata = validated
+            if escaped_surrogate:
+                _reject_lone_surrogates(doc, url)
+            tensors, metadata = _validated(doc, url=url, data_start=LENGTH_PREFIX + header_size, file_size=file_size)
+        except HeaderError as exc:
+            del doc
+            # Its traceback's frames hold the parsed tree and the tensors built so far: dropped here, while
+            # the collector still sleeps, they are freed at once instead of scanned when it wakes.
+            raise exc.with_traceback(None) from None
         del doc  # freed while the collector still sleeps, so it never scans the parsed tree
     return Header(url=url, header_size=header_size, file_size=file_size, tensors=tensors, metadata=metadata)
+
+
+def _validated(
+    doc: tuple[tuple[str, object], ...], *, url: str, data_start: int, file_size: int
+) -> tuple[dict[str, TensorInfo], dict[str, str] | None]:
+    """The tensors and metadata of a parsed header: the fast path if it applies, else the careful one."""
+    trusted = 0
+    try:
+        return _validate_common(doc, url=url, data_start=data_start, file_size=file_size)
+    except _NotCommonError as exc:
+        trusted = exc.args[0] if exc.args else 0  # (the fast path's partial result is freed with exc)
+    return _validate(doc, url=url, data_start=data_start, file_size=file_size, trusted=trusted)
 
 
 def _no_constant(name: str) -> object:
