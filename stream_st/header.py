@@ -21,7 +21,7 @@ import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from itertools import chain
+from itertools import chain, islice
 from typing import Any, NamedTuple
 
 from .dtypes import DTYPE_BITS
@@ -234,12 +234,12 @@ def _validated(
     doc: tuple[tuple[str, object], ...], *, url: str, data_start: int, file_size: int
 ) -> tuple[dict[str, TensorInfo], dict[str, str] | None]:
     """The tensors and metadata of a parsed header: the fast path if it applies, else the careful one."""
-    trusted = 0
+    passed = None
     try:
         return _validate_common(doc, url=url, data_start=data_start, file_size=file_size)
     except _NotCommonError as exc:
-        trusted = exc.args[0] if exc.args else 0  # (the fast path's partial result is freed with exc)
-    return _validate(doc, url=url, data_start=data_start, file_size=file_size, trusted=trusted)
+        passed = exc.args[0] if exc.args else None
+    return _validate(doc, url=url, data_start=data_start, file_size=file_size, passed=passed)
 
 
 def _no_constant(name: str) -> object:
@@ -278,7 +278,18 @@ def _reject_lone_surrogates(doc: tuple[tuple[str, object], ...], url: str) -> No
 
 class _NotCommonError(Exception):
     """The header is not the common, valid case that ``_validate_common`` accepts; ``args[0]``, where
-    given, is how many entries of the header passed its checks (all but the dims' types and ranges)."""
+    given, is what it had checked (``_Passed``)."""
+
+
+class _Passed(NamedTuple):
+    """The first ``entries`` of a header that passed the fast path: in order, contiguous, of the right
+    sizes, and the tensors made of them; all that is left to check of them is their dims' types and ranges."""
+
+    entries: int  # of the header, __metadata__ included
+    tensor_entries: int
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str] | None
+    seen_metadata: bool
 
 
 def _validate_common(
@@ -302,11 +313,11 @@ def _validate_common(
             if name == METADATA_KEY:
                 if seen_metadata:
                     raise _NotCommonError
-                seen_metadata = True
                 try:
                     metadata = _metadata(entry, url)
                 except HeaderError:
                     raise _NotCommonError from None  # an earlier entry's error must be named first
+                seen_metadata = True
                 done += 1
                 continue
             (k1, dtype), (k2, shape), (k3, offsets) = entry
@@ -326,10 +337,8 @@ def _validate_common(
             expected = end
             entries += 1
             done += 1
-    except _NotCommonError:
-        raise _NotCommonError(done) from None
-    except (ValueError, TypeError, KeyError):  # not pairs, an unhashable dtype, not numbers...
-        raise _NotCommonError(done) from None
+    except (_NotCommonError, ValueError, TypeError, KeyError):  # not pairs, an unhashable dtype, not numbers...
+        raise _NotCommonError(_Passed(done, entries, tensors, metadata, seen_metadata)) from None
     if not tensors or entries != len(tensors) or data_start + expected != file_size or expected > _MAX_INT64:
         raise _NotCommonError  # no tensors, a repeated name, a wrong size: let _validate name it
     shapes = [info[2] for info in tensors.values()]
@@ -342,36 +351,33 @@ def _validate_common(
 
 
 def _validate(
-    doc: tuple[tuple[str, object], ...], *, url: str, data_start: int, file_size: int, trusted: int = 0
+    doc: tuple[tuple[str, object], ...],
+    *,
+    url: str,
+    data_start: int,
+    file_size: int,
+    passed: _Passed | None = None,
 ) -> tuple[dict[str, TensorInfo], dict[str, str] | None]:
-    """Check every rule and name the first broken one. The first ``trusted`` entries passed the fast
-    path's checks: only their dims (checked here in bulk) and names are looked at again, so a header
-    rejected at its last entry costs about one validation, not two."""
+    """Check every rule and name the first broken one. What the fast path ``passed`` is taken over once
+    its dims are checked in bulk, so a header rejected at its last entry costs one validation, not two."""
     # Written for a million entries: one pass checks each entry's types, one its place and size.
     metadata: dict[str, str] | None = None
     seen_metadata = False
     tensors: dict[str, TensorInfo] = {}
     in_order = True
     last_span = (-1, -1)
-    if trusted and not _plain_dims(doc[:trusted]):
-        trusted = 0
-    entry: Any
-    for name, entry in doc[:trusted]:
-        if name == METADATA_KEY:
-            if seen_metadata:
-                raise HeaderError(f"{url}: header has the key {name!r} more than once", url=url)
-            seen_metadata = True
-            metadata = _metadata(entry, url)
-            continue
-        if name in tensors:
-            raise HeaderError(f"{url}: header has the key {name!r} more than once", url=url)
-        (_, dtype), (_, shape), (_, (begin, end)) = entry
-        if (begin, end) < last_span:
-            in_order = False
-        last_span = (begin, end)
-        tensors[name] = _new_info(
-            TensorInfo, (name, _DTYPES[dtype], tuple(shape), data_start + begin, data_start + end)
+    trusted = 0
+    if passed and passed.tensor_entries == len(passed.tensors) and _plain_dims(doc[: passed.entries]):
+        trusted, tensors, metadata, seen_metadata = (
+            passed.entries,
+            passed.tensors,
+            passed.metadata,
+            passed.seen_metadata,
         )
+        if tensors:
+            last = tensors[next(reversed(tensors))]
+            last_span = (last.start - data_start, last.end - data_start)
+    placed = len(tensors)  # in order, contiguous and of the right sizes already
     for name, value in doc[trusted:]:
         if name == METADATA_KEY:
             if seen_metadata:
@@ -406,10 +412,15 @@ def _validate(
         )
     if not in_order:
         tensors = {info.name: info for info in sorted(tensors.values(), key=lambda info: (info.start, info.end))}
+        placed = 0
 
     expected = data_start
     previous: str | None = None
-    for name, dtype, shape, start, end in tensors.values():
+    if placed:
+        previous, _, _, _, expected = (
+            tensors[next(reversed(tensors))] if placed == len(tensors) else _nth(tensors, placed - 1)
+        )
+    for name, dtype, shape, start, end in islice(tensors.values(), placed, None):
         if start != expected:
             begin = start - data_start
             if previous is None:
@@ -454,6 +465,10 @@ def _validate(
             url=url,
         )
     return tensors, metadata
+
+
+def _nth(tensors: dict[str, TensorInfo], index: int) -> TensorInfo:
+    return next(islice(tensors.values(), index, None))
 
 
 def _plain_dims(pairs: tuple[tuple[str, Any], ...]) -> bool:
