@@ -198,14 +198,18 @@ def check_verify(checkpoint: Checkpoint, verify: VerifyOption) -> None:
 
 def finish(host: OutputTensor, device: Device, dtype: torch.dtype | None) -> torch.Tensor:
     """The typed tensor on ``device`` (already there after a staged load), floating-point tensors cast to
-    ``dtype`` there (on the GPU for a GPU load, never on the host first)."""
+    ``dtype`` there (on the GPU for a GPU load, never on the host first). Packed 4-bit floats (F4) keep
+    their dtype, as integer tensors do: two values share a byte, and torch has no cast for them."""
     tensor = host.tensor()
     target = to_device(device)
     if tensor.device != target:
         tensor = tensor.to(target)
-    if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+    if dtype is not None and tensor.is_floating_point() and tensor.dtype not in (dtype, *_PACKED):
         tensor = tensor.to(dtype)
     return tensor
+
+
+_PACKED = tuple(getattr(torch, name) for name in ("float4_e2m1fn_x2",) if hasattr(torch, name))
 
 
 async def read_header_async(

@@ -36,6 +36,7 @@ DTYPE_BITS: dict[str, int] = {
 # torch attribute names, looked up lazily so that this module imports without torch.
 _TORCH_NAMES: dict[str, str] = {
     "BOOL": "bool",
+    "F4": "float4_e2m1fn_x2",  # torch >= 2.8: two F4 values per element, so the last dim is halved
     "U8": "uint8",
     "I8": "int8",
     "F8_E5M2": "float8_e5m2",
@@ -58,11 +59,21 @@ _TORCH_NAMES: dict[str, str] = {
 
 
 def to_torch(code: str) -> torch.dtype | None:
-    """The torch dtype for a safetensors dtype code, or None if this torch has none (e.g. F4, F6)."""
+    """The torch dtype for a safetensors dtype code, or None if this torch has none (F6; F4 before 2.8)."""
     import torch
 
     name = _TORCH_NAMES.get(code)
     return getattr(torch, name, None) if name else None
+
+
+def torch_shape(code: str, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The shape torch gives a tensor of ``shape`` in the file, as safetensors.torch does: F4 packs two
+    values per ``float4_e2m1fn_x2`` element, so its last dim is halved; None if that dim is odd."""
+    if code != "F4":
+        return shape
+    if not shape or shape[-1] % 2:
+        return None
+    return (*shape[:-1], shape[-1] // 2)
 
 
 # Names accepted for ``dtype=`` (a cast target) besides torch.dtype objects, and the torch dtype each names:

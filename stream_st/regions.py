@@ -38,10 +38,10 @@ class Region:
 
     def spans(self, info: TensorInfo) -> list[tuple[int, int, int]]:
         """(first byte, end byte, offset in the output) of every run of the file the region needs."""
-        if DTYPE_BITS[info.dtype] % 8:
-            raise ValueError(f"tensor {info.name!r}: sub-byte dtype {info.dtype} cannot be sliced")
-        itemsize = DTYPE_BITS[info.dtype] // 8
-        inner = math.prod(info.shape[self.dim + 1 :]) * itemsize  # bytes of one index of ``dim``
+        inner_bits = math.prod(info.shape[self.dim + 1 :]) * DTYPE_BITS[info.dtype]  # one index of ``dim``
+        if inner_bits % 8:  # F4 (4 bits) along its last dim
+            raise ValueError(f"tensor {info.name!r}: sub-byte dtype {info.dtype} cannot be sliced along dim {self.dim}")
+        inner = inner_bits // 8
         run = (self.stop - self.start) * inner
         stride = info.shape[self.dim] * inner  # bytes of one index of the dimension before ``dim``
         outer = math.prod(info.shape[: self.dim])

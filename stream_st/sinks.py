@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .dtypes import to_torch
+from .dtypes import to_torch, torch_shape
 from .errors import UnsupportedDtypeError
 from .header import TensorInfo
 
@@ -48,7 +48,16 @@ def output_tensor(
             url=url,
             tensor=info.name,
         )
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    held = torch_shape(info.dtype, shape)
+    if held is None:
+        raise UnsupportedDtypeError(
+            f"{url}: tensor {info.name!r} has dtype {info.dtype} and shape {list(shape)}; torch holds F4 as "
+            "float4_e2m1fn_x2 (two values per element), so the last dim must be even",
+            url=url,
+            tensor=info.name,
+        )
+    shape = held
+    nbytes = math.prod(shape) * dtype.itemsize
     if buffer is not None:
         assert buffer.dtype == torch.uint8 and buffer.numel() == nbytes, (info.name, buffer.numel(), nbytes)
         return OutputTensor(buffer, dtype, shape)

@@ -102,9 +102,6 @@ KNOWN_DIFFERENCES: dict[str, tuple[str, str]] = {
 # Current stream_st bugs, per mode (issue #16). Each is xfail(strict=True): when the fix lands, the test
 # passes, the strict xfail fails, and the entry must be removed.
 LIBRARY_BUGS: dict[str, str] = {
-    "test_pt_comparison.py::TorchTestCase::test_odd_dtype_fp4": (
-        "library bug: F4 (float4_e2m1fn_x2) raises UnsupportedDtypeError; safetensors loads it"
-    ),
 }
 LIBRARY_BUGS_LOCAL_ONLY: dict[str, str] = {}
 

@@ -223,11 +223,44 @@ def test_float8_e8m0_beyond_safetensors_torch(tmp_path: Path) -> None:
     assert loaded.view(torch.uint8).numpy().tobytes() == payload
 
 
-def test_sub_byte_dtype_is_a_clear_error(tmp_path: Path) -> None:
-    path = _raw_file(tmp_path / "f4.safetensors", {"w": ("F4", [4], b"\x12\x34"), "ok": ("U8", [2], b"\x01\x02")})
-    assert sst.load_file(str(path), tensors="ok")["ok"].tolist() == [1, 2]
-    with pytest.raises(sst.UnsupportedDtypeError, match="tensor 'w' has dtype F4, which this torch"):
-        sst.load_file(str(path))
+def test_f4_loads_as_safetensors_loads_it(tmp_path: Path) -> None:
+    if not hasattr(torch, "float4_e2m1fn_x2"):
+        pytest.skip("this torch has no float4_e2m1fn_x2 (torch < 2.8)")
+    entries = {
+        "w": ("F4", [2, 4], b"\x12\x34\x56\x78"),  # two values per byte: torch sees shape [2, 2]
+        "v": ("F4", [6], b"\x9a\xbc\xde"),
+        "e": ("F4", [2, 0, 4], b""),
+        "ok": ("U8", [2], b"\x01\x02"),
+    }
+    path = _raw_file(tmp_path / "f4.safetensors", entries)
+    expected = safetensors.torch.load_file(str(path))
+    loaded = sst.load_file(str(path))
+    for name, tensor in expected.items():
+        assert loaded[name].dtype == tensor.dtype and loaded[name].shape == tensor.shape, name
+        assert loaded[name].view(torch.uint8).numpy().tobytes() == tensor.view(torch.uint8).numpy().tobytes()
+    assert loaded["w"].shape == (2, 2) and loaded["w"].dtype == torch.float4_e2m1fn_x2
+    with sst.safe_open(str(path), framework="pt") as f:
+        assert f.get_slice("w").get_shape() == [2, 4]  # the header's shape, as safetensors reports it
+        rows = f.get_slice("w")[1:2]
+    assert rows.view(torch.uint8).tolist() == [[0x56, 0x78]]
+    cast = sst.load_file(str(path), dtype=torch.float16)  # packed F4 keeps its dtype, as integers do
+    assert cast["w"].dtype == torch.float4_e2m1fn_x2 and cast["ok"].dtype == torch.uint8
+
+
+def test_f4_with_an_odd_last_dim_and_f6_are_clear_errors(tmp_path: Path) -> None:
+    odd = _raw_file(tmp_path / "odd.safetensors", {"w": ("F4", [2, 3], b"\x12\x34\x56")})
+    with pytest.raises(safetensors.SafetensorError, match="last dim be divisible by 2"):
+        safetensors.torch.load_file(str(odd))
+    with pytest.raises(
+        sst.UnsupportedDtypeError, match=r"tensor 'w' has dtype F4 and shape \[2, 3\]; .* last dim must be even"
+    ):
+        sst.load_file(str(odd))
+    f6 = _raw_file(
+        tmp_path / "f6.safetensors", {"w": ("F6_E2M3", [4], b"\x12\x34\x56"), "ok": ("U8", [2], b"\x01\x02")}
+    )
+    assert sst.load_file(str(f6), tensors="ok")["ok"].tolist() == [1, 2]
+    with pytest.raises(sst.UnsupportedDtypeError, match="tensor 'w' has dtype F6_E2M3, which this torch"):
+        sst.load_file(str(f6))
 
 
 def test_iter_tensors_first_batch_is_one_part(http: RangeServer) -> None:

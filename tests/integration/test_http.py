@@ -211,6 +211,27 @@ def test_bad_header_fails_after_one_request(http: RangeServer, root: Path) -> No
         path.unlink()
 
 
+@pytest.mark.parametrize(
+    ("content", "kind"),
+    [
+        (b"<!DOCTYPE html><html><head><title>Error</title></head><body>Not found</body></html>", "an HTML page"),
+        (b"PK\x03\x04\x14\x00\x00\x08\x08\x00" + bytes(200), "a zip archive (a PyTorch .bin/.pt checkpoint?)"),
+    ],
+    ids=["html", "zip"],
+)
+def test_a_file_that_is_not_safetensors_says_what_it_looks_like(
+    server: RangeServer | Nginx, root: Path, content: bytes, kind: str
+) -> None:
+    path = root / f"not-{len(content)}.safetensors"  # e.g. a CDN error page sent with status 200
+    path.write_bytes(content)
+    try:
+        with pytest.raises(sst.HeaderError, match=rf"{path.name}: not a safetensors file: it looks like ") as caught:
+            sst.load_file(server.url(path.name))
+        assert kind in str(caught.value) and "max_header_size" not in str(caught.value)
+    finally:
+        path.unlink()
+
+
 def test_iter_tensors_streams_in_file_order(server: RangeServer | Nginx, root: Path) -> None:
     name = "layered.safetensors"
     expected = reference(root, name)
