@@ -3,7 +3,7 @@
 Layout (16 layers → 147 tensors, like a small Llama): ``model.embed_tokens.weight``, per layer
 q/k/v/o, gate/up/down and the two RMSNorm weights, ``model.norm.weight`` and ``lm_head.weight``.
 The hidden size is chosen so the file is about ``--size-gib``; 1.0 gives hidden 1536, i.e. 1.03 GiB,
-the checkpoint DESIGN.md §5 was measured with.
+the checkpoint docs/ARCHITECTURE.md §5's measurements use.
 
 Also reads the header back (no torch needed) so the runner can say how many bytes a partial
 load *should* pull.

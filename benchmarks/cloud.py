@@ -19,7 +19,7 @@ REPEATS rounds with every contender once per round as a fresh process, the order
 Per run: wall time around the whole child (``time.perf_counter`` around fork…exit) and the child's peak
 RSS (GNU ``time -f %M``, as run.py). Writes OUT/cloud_results.md and OUT/cloud_results.json.
 
-Targets (DESIGN.md §5): on S3, stream_st within 1.10× of (Python+torch start + a raw ranged-GET client)
+Targets: on S3, stream_st within 1.10× of (Python+torch start + a raw ranged-GET client)
 on the same server, and faster than runai-model-streamer in the same run.
 """
 
@@ -55,7 +55,7 @@ from contenders import VERIFY  # noqa: E402
 from process import GNU_TIME, Run, run_process, timing  # noqa: E402
 from report import fmt, get_row  # noqa: E402
 
-TARGET_VS_FLOOR = 1.10  # DESIGN.md §5, S3: stream_st ≤ 1.10 × (start + raw ranged client)
+TARGET_VS_FLOOR = 1.10  # the project's S3 target: stream_st ≤ 1.10 × (start + raw ranged client)
 S3RVER_VERSION = "3.7.1"
 S3RVER_KEY = "S3RVER"
 BUCKET = "stream-st-bench"

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""GPU benchmark of the device path, against the physical limits, in one command (DESIGN.md §5).
+"""GPU benchmark of the device path, against the physical limits, in one command (docs/ARCHITECTURE.md §5).
 
     python benchmarks/gpu.py                    # on a CUDA machine (about 3 minutes on 16 cores)
     python benchmarks/gpu.py --server-check     # no GPU needed: the loopback server + raw client only
@@ -9,7 +9,7 @@ What one run does:
 1. generates a Llama-like bf16 checkpoint (``--size-gib`` 4.5 → hidden 3328, 4.38 GiB, 147 tensors, the
    layout of ``checkpoint.py``) in /dev/shm, filling it with random bytes from numpy's SFC64 in one
    process per core (seconds, not minutes); the header is written the way safetensors writes it;
-2. starts the loopback server of DESIGN.md §5: ``--servers`` (8) aiohttp processes sharing one port with
+2. starts the loopback server of docs/ARCHITECTURE.md §5: ``--servers`` (8) aiohttp processes sharing one port with
    SO_REUSEPORT, each serving the file with ``web.FileResponse`` (sendfile, Range → 206);
 3. checks once, untimed, that ``stream_st.load_file(url, "cuda")`` and ``stream_st.iter_tensors`` return
    every tensor bit for bit as ``safetensors.torch.load_file(path, device="cuda")`` does;

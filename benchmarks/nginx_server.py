@@ -1,7 +1,7 @@
 """A throw-away nginx on 127.0.0.1 serving one folder, and per-run accounting from its access log.
 
 nginx is the fastest loopback HTTP server available here (sendfile), so it is the server ceiling
-(DESIGN.md §6). It runs in the foreground (``daemon off``) as our child, with every path it writes
+(the tests use the same recipe: tests/servers.py). It runs in the foreground (``daemon off``) as our child, with every path it writes
 (pid, logs, temp folders) inside its own prefix folder, so nothing system-wide is touched.
 """
 

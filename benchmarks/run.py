@@ -13,7 +13,7 @@ One invocation:
   5. writes OUT/results.md (Markdown table + machine + versions), OUT/results.json (every run) and
      OUT/results.png (bar chart, if matplotlib is installed).
 
-Targets come from DESIGN.md §5: stream_st within 1.10× of (Python+torch start + curl) and at most 0.6×
+Targets (the project's goals): stream_st within 1.10× of (Python+torch start + curl) and at most 0.6×
 safetensors-streaming; a partial load pulls exactly the selected tensor bytes + header.
 """
 

@@ -8,7 +8,7 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 VENV="$HERE/.venv"
 LOCALSTACK_VERSION="2026.3.0"
-# Pins that made it start (see shared DESIGN.md §6).
+# Pins that made it start (found by trial on these machines; see localstack/README.md).
 PINS=('cbor2<6' 'pyopenssl<26' 'cryptography>=45.0.1,<47' 'service_identity')
 
 ok_python() {  # prints the path and succeeds if "$1" runs and is Python >= 3.12

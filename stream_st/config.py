@@ -23,7 +23,7 @@ class Config:
             curl's speed on a 2-core machine over loopback; object stores want more in flight to hide
             per-request latency, so 8 is the default (Run:ai uses 8–16).
         part_size: largest single ranged request. 16 MiB: pinned host→device copies reach their plateau
-            at ≥ 16 MiB (55 GB/s on an H200, DESIGN.md §5), and it keeps per-request overhead < 1%.
+            at ≥ 16 MiB (55 GB/s on an H200, docs/ARCHITECTURE.md §5), and it keeps per-request overhead < 1%.
         max_gap: neighbouring spans closer than this are fetched in one request and the gap dropped.
             1 MiB, obstore's default: below it a second request costs more than the wasted bytes.
         header_prefetch: bytes asked for by the first ranged GET, hoping they hold the whole header.

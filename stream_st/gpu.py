@@ -2,7 +2,7 @@
 on a per-thread CUDA stream moves them into the destination tensors on the GPU while the thread goes on
 downloading the next part. Host memory stays bounded by the slot pool, whatever the model size.
 
-Measured on an H200 (DESIGN.md §5): pinned host→device copies reach 48 GB/s at 1 MiB, 55 GB/s at ≥ 16 MiB;
+Measured on an H200 (docs/ARCHITECTURE.md §5): pinned host→device copies reach 48 GB/s at 1 MiB, 55 GB/s at ≥ 16 MiB;
 16 threads reading ``http.client`` bodies into 16 MiB pinned slots and copying each on the thread's own
 stream moved 19–23 GB/s bit-exact, at the loopback server's ceiling. Pinning costs ~0.6 s per GiB, so the
 pool is allocated lazily, once per process, and reused by every load.

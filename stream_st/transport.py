@@ -1,6 +1,6 @@
 """The HTTP data plane: keep-alive connections and blocking ``readinto`` on worker threads.
 
-Measured (DESIGN.md §5): stdlib ``http.client`` reading straight into the destination buffer on a few
+Measured (docs/ARCHITECTURE.md §5): stdlib ``http.client`` reading straight into the destination buffer on a few
 threads reaches the server's ceiling (2.4–2.7 GB/s on 2 cores, ~20 GB/s on 16), where an asyncio client
 tops out near 2 GB/s because every chunk becomes a ``bytes`` object that is then copied. The GIL is
 released inside ``recv_into``, so threads scale.
