@@ -1,8 +1,8 @@
 """A throw-away nginx on 127.0.0.1 serving one folder, and per-run accounting from its access log.
 
 nginx is the fastest loopback HTTP server available here (sendfile), so it is the server ceiling
-(the tests use the same recipe: tests/servers.py). It runs in the foreground (``daemon off``) as our child, with every path it writes
-(pid, logs, temp folders) inside its own prefix folder, so nothing system-wide is touched.
+(the tests use the same recipe: tests/servers.py). It runs in the foreground (``daemon off``) as our child,
+with every path it writes (pid, logs, temp folders) inside its own prefix folder: nothing system-wide is touched.
 """
 
 from __future__ import annotations
