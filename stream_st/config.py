@@ -59,6 +59,10 @@ class Config:
             default part: enough for 8 threads to download while earlier parts are copied to the GPU.
         prefetch_max_bytes: host memory a ``prefetch`` may fill before a load takes its bytes; past it the
             transfer pauses until a load takes some. None: half of the memory available when the prefetch starts.
+        early_start: ``load_file`` (and ``stream-st load``) called before torch is imported starts the transfer
+            first and imports torch while it runs. None (default): on machines with at least 4 CPUs. On 2 cores
+            it measured slower (2.83 s against 2.42 s for 1 GiB over loopback, benchmarks/RESULTS.md §8): the
+            loopback transfer and the import both need the two cores. True: always; False: never.
         direct_http: move s3://, gs:// and hf:// bytes on stream_st's threaded HTTP data plane (presigned
             or token-authenticated GETs made by s3fs / gcsfs / huggingface_hub). False reads through the
             filesystem's own ``cat_file`` instead (slower; for stores whose HTTP API differs).
@@ -80,6 +84,7 @@ class Config:
     max_inflight_bytes: int = 512 * MiB
     pinned_pool_bytes: int = 256 * MiB
     prefetch_max_bytes: int | None = None
+    early_start: bool | None = None
     direct_http: bool = True
 
     def __post_init__(self) -> None:
@@ -117,7 +122,7 @@ class Config:
             if raw is None:
                 continue
             kind: Callable[[str], Any] = (
-                float if f.name in _FLOAT_FIELDS else _boolean if f.name == "direct_http" else int
+                float if f.name in _FLOAT_FIELDS else _boolean if f.name in _BOOL_FIELDS else int
             )
             try:
                 values[f.name] = None if raw.lower() == "none" and f.name in _OPTIONAL_FIELDS else kind(raw)
@@ -142,7 +147,8 @@ def _boolean(raw: str) -> bool:
     raise ValueError(raw)
 
 
-_OPTIONAL_FIELDS = frozenset({"timeout", "prefetch_max_bytes"})
+_OPTIONAL_FIELDS = frozenset({"timeout", "prefetch_max_bytes", "early_start"})
+_BOOL_FIELDS = frozenset({"direct_http", "early_start"})
 _FLOAT_FIELDS = frozenset({"backoff_base", "backoff_max", "stall_timeout", "connect_timeout", "timeout"})
 
 

@@ -45,6 +45,7 @@ _ALIGN = 64  # every tensor starts at a multiple of this in its batch: any dtype
 _MAX_BATCH = 256 << 20  # large enough that batch boundaries cost nothing; small enough to resume promptly
 _BATCHES_IN_FLIGHT = 2  # keeps the transfer roughly in file order, which streaming consumers read in
 _EXIT_WAIT_S = 1.0
+_EARLY_START_CPUS = 4  # below this, starting before torch's import measured slower (Config.early_start)
 
 
 @dataclass
@@ -215,6 +216,11 @@ class Prefetch:
 
     async def _fetch_batch(self, engine: Engine, batch: list[tuple[_File, list[_Entry]]], size: int) -> None:
         memory: Any = mmap.mmap(-1, size) if size >= mmap.PAGESIZE else bytearray(size)
+        if isinstance(memory, mmap.mmap) and hasattr(mmap, "MADV_HUGEPAGE"):
+            # 2 MiB pages where the kernel allows them: a 4 KiB page fault per 4 KiB landed is the largest CPU
+            # cost of filling fresh memory, and on a few cores it is taken from the imports this overlaps.
+            with contextlib.suppress(OSError):
+                memory.madvise(mmap.MADV_HUGEPAGE)
         view = memoryview(memory)
         fetches = []
         offset = 0
@@ -387,19 +393,20 @@ def prefetch(
 def start_before_torch(url: str, device: Any, options: Mapping[str, Any]) -> Prefetch | None:
     """For ``load_file`` called before torch is imported: a prefetch of what it will load, so the bytes
     move while torch imports; None where that cannot help (torch already imported, a GPU destination,
-    which keeps its bounded pinned-slot path, or slices of tensors) or the options are for the load to reject."""
+    which keeps its bounded pinned-slot path, or slices of tensors; ``early_start`` off, or left to the machine
+    and it has few CPUs) or the options are for the load to reject."""
     if "torch" in sys.modules or str(device) != "cpu":
         return None
     if options.get("tensor_parallel") is not None or options.get("process_group") is not None:
         return None
     fields = {f.name for f in dataclasses.fields(Config)}
     try:
+        config = resolve(options.get("config"), {k: v for k, v in options.items() if k in fields})
+        wanted = config.early_start
+        if not (wanted if wanted is not None else (os.cpu_count() or 1) >= _EARLY_START_CPUS):
+            return None
         return prefetch(
-            url,
-            tensors=options.get("tensors"),
-            storage_options=options.get("storage_options"),
-            config=options.get("config"),
-            **{name: value for name, value in options.items() if name in fields},
+            url, tensors=options.get("tensors"), storage_options=options.get("storage_options"), config=config
         )
     except Exception:  # the load itself reports a bad option, with its own message
         return None

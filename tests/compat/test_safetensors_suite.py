@@ -101,8 +101,7 @@ KNOWN_DIFFERENCES: dict[str, tuple[str, str]] = {
 
 # Current stream_st bugs, per mode (issue #16). Each is xfail(strict=True): when the fix lands, the test
 # passes, the strict xfail fails, and the entry must be removed.
-LIBRARY_BUGS: dict[str, str] = {
-}
+LIBRARY_BUGS: dict[str, str] = {}
 LIBRARY_BUGS_LOCAL_ONLY: dict[str, str] = {}
 
 
