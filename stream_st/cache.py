@@ -604,11 +604,11 @@ class CachingSource(Source):
         if self.entry is None:
             return self._remember(probe)
         prefix = probe.prefix
-        if len(prefix) < min(length, probe.size):
-            prefix = max(prefix, self.entry.cached_prefix(length), key=len)
-        elif prefix and self.entry.segments(0, len(prefix)) != [(0, len(prefix), True)]:
+        if prefix and self.entry.segments(0, len(prefix)) != [(0, len(prefix), True)]:
             self.entry.write_now(0, prefix)
             self.entry.record([(0, len(prefix))])
+        if len(prefix) < min(length, probe.size):
+            prefix = max(prefix, self.entry.cached_prefix(length), key=len)
         return self._remember(Probe(prefix, probe.size, probe.version, probe.ranges))
 
     def _serve_local(self, path: Path, commit: str, length: int, pinned: str | None) -> Probe:
