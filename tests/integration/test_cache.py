@@ -182,6 +182,18 @@ def test_lru_cap_evicts_the_least_recently_used(own: RangeServer, tmp_path: Path
     assert ranges(own) == [(0, SMALL_PROBE)]
 
 
+def test_options_come_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("STREAM_ST_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("STREAM_ST_CACHE_MAX_BYTES", "1000")
+    monkeypatch.setenv("STREAM_ST_OFFLINE", "1")
+    config = sst.Config.from_env()
+    assert (config.cache_dir, config.cache_max_bytes, config.offline) == (str(tmp_path), 1000, True)
+    assert sst.Config(cache_dir=tmp_path).cache_dir == str(tmp_path)  # type: ignore[arg-type]
+    assert cache.cache_root("default").name == "stream_st"
+    with pytest.raises(sst.ConfigError):
+        sst.Config(cache_max_bytes=0)
+
+
 def test_records_of_an_earlier_boot_count_only_once_synced() -> None:
     size = 1000
     text = f"R 0 100 {cache._BOOT}\nR 100 200 oldboot\nR 200 300 otherboot\nS otherboot 999\nR 300 400 bad\nR 400"
