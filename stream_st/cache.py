@@ -23,6 +23,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import mmap
 import os
 import queue
 import re
@@ -55,6 +56,9 @@ _SMALL_PROBE = 8
 _WRITE_NOW_BELOW = (1 << 20) + 1
 _QUEUE_BYTES = 256 << 20  # bytes queued for the background writer before readers wait (backpressure)
 _WRITER_THREADS = 2
+_BLOCK = 4096  # O_DIRECT alignment of offsets, lengths and memory
+_BOUNCE = 8 << 20  # per writer thread: the engine's largest chunk
+_DIRECT = True  # tests switch it off to cover the buffered path
 _ENTRY_OPTIONS = ("endpoint", "endpoint_url", "account_host", "account_name")  # name the server, not secrets
 
 
@@ -205,9 +209,9 @@ class Store:
                 building = self._entries / f".new-{uuid.uuid4().hex}"
                 building.mkdir()
                 with open(building / "data", "wb") as data:
-                    data.truncate(size)  # sparse: blocks are allocated as bytes are written
-                (building / "ranges").touch()
-                (building / "lock").touch()
+                    data.truncate(_round_up(size))  # sparse; whole blocks, for O_DIRECT writes of the last one
+                for name in ("ranges", "lock", "writer"):
+                    (building / name).touch()
                 (building / "meta.json").write_text(json.dumps(meta))
                 os.rename(building, folder)
             return Entry.open(folder, meta)
@@ -295,14 +299,25 @@ def _try_exclusive(path: Path) -> bool:
 class Entry:
     """One object's cached bytes, open for reading and writing by this process."""
 
-    def __init__(self, folder: Path, meta: dict[str, Any], data: int, ranges: int, lock: int) -> None:
+    def __init__(
+        self, folder: Path, meta: dict[str, Any], data: int, ranges: int, lock: int, writer: int | None
+    ) -> None:
         self.folder, self.meta = folder, meta
         self.url: str = meta["url"]
         self.version: str = meta["version"]
         self.size: int = meta["size"]
         self.pinned_url: str | None = meta.get("pinned_url")
         self.data = data
-        self._ranges_fd, self._lock_fd = ranges, lock
+        self._ranges_fd, self._lock_fd, self._writer_fd = ranges, lock, writer
+        # Only the one load that holds the writer lock writes (see ``write``); O_DIRECT where the file system
+        # has it: no page cache to fill, measured at 0.05 s of CPU per GiB against 0.5-2.3 s buffered.
+        self.writing = writer is not None
+        self.direct: int | None = None
+        if self.writing:
+            try:
+                self.direct = os.open(folder / "data", os.O_WRONLY | getattr(os, "O_DIRECT", 0)) if _DIRECT else None
+            except OSError:  # tmpfs and others refuse O_DIRECT: buffered writes
+                self.direct = None
         self._have: list[tuple[int, int]] = []
         self._map_size = -1
         self._mutex = threading.Lock()
@@ -317,7 +332,14 @@ class Entry:
         os.utime(folder / "meta.json")  # last use, for LRU
         data = os.open(folder / "data", os.O_RDWR)
         ranges = os.open(folder / "ranges", os.O_RDWR | os.O_APPEND)
-        return cls(folder, meta, data, ranges, lock)
+        candidate = os.open(folder / "writer", os.O_RDWR | os.O_CREAT, 0o644)
+        writer: int | None = candidate
+        try:
+            fcntl.flock(candidate, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # another load (of this process or another) writes this entry now: only read
+            os.close(candidate)
+            writer = None
+        return cls(folder, meta, data, ranges, lock, writer)
 
     def refresh(self) -> None:
         """Re-read the map if it grew (another process, or another thread of this one, added ranges)."""
@@ -353,6 +375,28 @@ class Entry:
     def write_now(self, offset: int, view: memoryview | bytes) -> None:
         _pwrite_all(self.data, memoryview(view), offset)
 
+    def write(self, offset: int, view: memoryview, bounce: memoryview) -> None:
+        """Write ``view`` at ``offset``: its whole blocks with O_DIRECT through the aligned ``bounce`` buffer,
+        the partial blocks at its ends buffered.
+
+        Safe because one load at a time writes an entry (the writer lock) and its chunks are disjoint: a
+        block is written either whole, by the one chunk that covers it (direct), or in pieces by the chunks
+        that share it (buffered, merged in the page cache); never both at once. A later load's direct write
+        of a block first flushes its dirty pages and then drops them (the kernel does both)."""
+        end = offset + len(view)
+        first, last = _round_up(offset), end // _BLOCK * _BLOCK
+        if self.direct is None or last - first < _BLOCK:
+            _pwrite_all(self.data, view, offset)
+            return
+        _pwrite_all(self.data, view[: first - offset], offset)
+        _pwrite_all(self.data, view[last - offset :], last)
+        at = first
+        while at < last:
+            size = min(len(bounce), last - at)
+            bounce[:size] = view[at - offset : at - offset + size]  # the copy that O_DIRECT's alignment costs
+            _pwrite_all(self.direct, bounce[:size], at)
+            at += size
+
     def sync(self) -> None:
         """Make the data durable, then mark every record appended so far as durable."""
         upto = os.fstat(self._ranges_fd).st_size
@@ -361,8 +405,13 @@ class Entry:
         self.unsynced = False
 
     def close(self) -> None:
-        for fd in (self.data, self._ranges_fd, self._lock_fd):
-            os.close(fd)
+        for fd in (self.data, self._ranges_fd, self._lock_fd, self._writer_fd, self.direct):
+            if fd is not None:
+                os.close(fd)
+
+
+def _round_up(n: int) -> int:
+    return -(-n // _BLOCK) * _BLOCK
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
@@ -406,26 +455,27 @@ class _Writer:
     """Daemon threads that ``pwrite`` queued buffers; at most ``_QUEUE_BYTES`` queued (callers then wait)."""
 
     def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[tuple[int, int, memoryview, _Batch]] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[Entry, int, memoryview, _Batch]] = queue.SimpleQueue()
         self._room = threading.Condition()
         self._queued = 0
         for n in range(_WRITER_THREADS):
             threading.Thread(target=self._run, name=f"stream_st-cache-{n}", daemon=True).start()
 
-    def submit(self, fd: int, offset: int, view: memoryview, batch: _Batch) -> None:
+    def submit(self, entry: Entry, offset: int, view: memoryview, batch: _Batch) -> None:
         with self._room:
             while self._queued and self._queued + len(view) > _QUEUE_BYTES:
                 self._room.wait()
             self._queued += len(view)
         batch.add()
-        self._jobs.put((fd, offset, view, batch))
+        self._jobs.put((entry, offset, view, batch))
 
     def _run(self) -> None:
+        bounce = memoryview(mmap.mmap(-1, _BOUNCE))  # page-aligned, as O_DIRECT needs; reused for every job
         while True:
-            fd, offset, view, batch = self._jobs.get()
+            entry, offset, view, batch = self._jobs.get()
             error = None
             try:
-                _pwrite_all(fd, view, offset)
+                entry.write(offset, view, bounce)
             except OSError as exc:
                 error = exc
             batch.done(offset, offset + len(view), error)
@@ -604,7 +654,7 @@ class CachingSource(Source):
         if self.entry is None:
             return self._remember(probe)
         prefix = probe.prefix
-        if prefix and self.entry.segments(0, len(prefix)) != [(0, len(prefix), True)]:
+        if prefix and self.entry.writing and self.entry.segments(0, len(prefix)) != [(0, len(prefix), True)]:
             self.entry.write_now(0, prefix)
             self.entry.record([(0, len(prefix))])
         if len(prefix) < min(length, probe.size):
@@ -742,6 +792,8 @@ class _CachedStream:
         return filled
 
     def _write(self, offset: int, view: memoryview) -> None:
+        if not self._entry.writing:
+            return  # another load writes this entry right now: it will hold these bytes
         if len(view) < _WRITE_NOW_BELOW:
             try:
                 self._entry.write_now(offset, view)
@@ -749,7 +801,7 @@ class _CachedStream:
             except OSError as exc:
                 self._batch.failed = exc
         else:
-            _background()[0].submit(self._entry.data, offset, view, self._batch)
+            _background()[0].submit(self._entry, offset, view, self._batch)
 
     def _finish_inner(self, *, reusable: bool) -> None:
         if self._inner is not None:

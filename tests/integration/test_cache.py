@@ -4,6 +4,7 @@ offline mode, the LRU cap, huggingface_hub's cache, and the CLI, against the rea
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import signal
 import subprocess
@@ -48,6 +49,13 @@ def load(url: str, cache_dir: Path, **options: Any) -> dict[str, torch.Tensor]:
     return sst.load_file(url, cache_dir=str(cache_dir), part_size=65536, progress=False, **options)
 
 
+@pytest.fixture(params=["direct", "buffered"])
+def writes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways the cache writes: whole blocks with O_DIRECT (where the file system has it), or buffered."""
+    monkeypatch.setattr(cache, "_DIRECT", request.param == "direct")
+    return str(request.param)
+
+
 @pytest.fixture()
 def own(tmp_path: Path) -> Any:
     """A range server of its own over a folder this test may rewrite."""
@@ -59,7 +67,7 @@ def own(tmp_path: Path) -> Any:
     server.stop()
 
 
-def test_second_load_transfers_no_weight_bytes(http: RangeServer, root: Path, tmp_path: Path) -> None:
+def test_second_load_transfers_no_weight_bytes(http: RangeServer, root: Path, tmp_path: Path, writes: str) -> None:
     url = http.url(NAME)
     assert_same(load(url, tmp_path), reference(root))
     assert sent(http) == (root / NAME).stat().st_size
@@ -87,7 +95,7 @@ def test_cached_load_is_as_fast_as_a_local_file_reads_with_preadv(
     assert sum(calls) == (root / NAME).stat().st_size - prefix  # every other byte straight into its tensor
 
 
-def test_partial_then_full_fetches_only_the_rest(http: RangeServer, root: Path, tmp_path: Path) -> None:
+def test_partial_then_full_fetches_only_the_rest(http: RangeServer, root: Path, tmp_path: Path, writes: str) -> None:
     url = http.url(NAME)
     expected = reference(root)
     first = load(url, tmp_path, tensors="model.layers.1.*", max_gap=0)
@@ -126,7 +134,7 @@ def test_no_etag_means_no_caching(http: RangeServer, root: Path, tmp_path: Path)
 
 
 def test_the_slot_path_writes_through_before_slots_are_reused(
-    http: RangeServer, root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    http: RangeServer, root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writes: str
 ) -> None:
     """The GPU path's pinned-slot pipeline, run on CPU memory: two slots, many parts, each slot reused often."""
     monkeypatch.setattr(RemoteFile, "stage_cpu_loads", True)
@@ -135,6 +143,18 @@ def test_the_slot_path_writes_through_before_slots_are_reused(
     assert_same(load(http.url(NAME), tmp_path, device="cpu", **options), reference(root))
     http.reset()
     assert_same(load(http.url(NAME), tmp_path, device="cpu", **options), reference(root))
+    assert ranges(http) == [(0, SMALL_PROBE)]
+
+
+@pytest.mark.parametrize("name", ["tiny.safetensors", NAME])  # tiny: a header longer than the first GET
+def test_a_prefetch_writes_through_too(http: RangeServer, root: Path, tmp_path: Path, name: str) -> None:
+    url = http.url(name)
+    with sst.prefetch(url, cache_dir=str(tmp_path), part_size=65536) as early:
+        early.wait(30)
+        assert_same(load(url, tmp_path), reference(root, name))  # takes the prefetched bytes
+    assert sent(http) <= (root / name).stat().st_size + SMALL_PROBE  # each byte once, and the version probe
+    http.reset()
+    assert_same(load(url, tmp_path), reference(root, name))
     assert ranges(http) == [(0, SMALL_PROBE)]
 
 
@@ -192,6 +212,35 @@ def test_options_come_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_
     assert cache.cache_root("default").name == "stream_st"
     with pytest.raises(sst.ConfigError):
         sst.Config(cache_max_bytes=0)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_unaligned_writes_land_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool) -> None:
+    monkeypatch.setattr(cache, "_DIRECT", direct)
+    size = 5 * 4096 + 123
+    data = os.urandom(size)
+    entry = cache.Store(tmp_path).open("k", "https://h/x", "v1", size, None)
+    assert entry is not None and entry.writing
+    bounce = memoryview(mmap.mmap(-1, 4096 * 2))  # small and page-aligned: several windows per write
+    cuts = [0, 1, 4095, 4097, 3 * 4096, 3 * 4096 + 5, 5 * 4096 + 1, size]
+    for a, b in zip(cuts, cuts[1:]):
+        entry.write(a, memoryview(data)[a:b], bounce)
+    with open(tmp_path / "entries" / "k" / "data", "rb") as f:
+        assert f.read(size) == data
+    entry.close()
+
+
+def test_one_load_at_a_time_writes_an_entry(tmp_path: Path) -> None:
+    store = cache.Store(tmp_path)
+    first = store.open("k", "https://h/x", "v1", 100, None)
+    second = store.open("k", "https://h/x", "v1", 100, None)
+    assert first is not None and second is not None
+    assert first.writing and not second.writing  # the second only reads; its bytes are the first's to write
+    first.close()
+    third = store.open("k", "https://h/x", "v1", 100, None)
+    assert third is not None and third.writing
+    second.close()
+    third.close()
 
 
 def test_records_of_an_earlier_boot_count_only_once_synced() -> None:
