@@ -51,13 +51,13 @@ logger = logging.getLogger(__name__)
 # Bytes a later load probes the network for when an entry exists: enough for the size, version and the
 # header length; the header itself then comes from the cache when the version matches.
 _SMALL_PROBE = 8
-# Buffers up to this size are written at once on the worker thread: the engine reuses its 1 MiB gap
-# scratch buffer right after a read, and small writes cost less than queueing them.
+# Writes up to this size (gap bytes, small tensors, chunk ends) are plain buffered writes: too small for
+# the aligned-buffer path to pay.
 _WRITE_NOW_BELOW = (1 << 20) + 1
-_QUEUE_BYTES = 256 << 20  # bytes queued for the background writer before readers wait (backpressure)
 _WRITER_THREADS = 2
 _BLOCK = 4096  # O_DIRECT alignment of offsets, lengths and memory
-_BOUNCE = 8 << 20  # per writer thread: the engine's largest chunk
+_BOUNCE = 8 << 20  # the engine's largest chunk
+_BOUNCES = 8  # aligned buffers queued for the writer threads (64 MiB): loads wait for one when all are taken
 _DIRECT = True  # tests switch it off to cover the buffered path
 _ENTRY_OPTIONS = ("endpoint", "endpoint_url", "account_host", "account_name")  # name the server, not secrets
 
@@ -309,8 +309,11 @@ class Entry:
         self.pinned_url: str | None = meta.get("pinned_url")
         self.data = data
         self._ranges_fd, self._lock_fd, self._writer_fd = ranges, lock, writer
-        # Only the one load that holds the writer lock writes (see ``write``); O_DIRECT where the file system
-        # has it: no page cache to fill, measured at 0.05 s of CPU per GiB against 0.5-2.3 s buffered.
+        # Only the load holding the writer lock writes. Its chunks are disjoint, so a block is written either
+        # whole by the one chunk covering it (O_DIRECT) or in pieces by the chunks sharing it (buffered, merged
+        # in the page cache), never both at once; a later load's O_DIRECT write of a block first flushes and
+        # then drops its cached pages (the kernel does both). O_DIRECT: no page cache to fill, measured at
+        # 0.04-0.05 s of CPU per GiB against 0.5-2.3 s buffered (2-core VM).
         self.writing = writer is not None
         self.direct: int | None = None
         if self.writing:
@@ -323,6 +326,8 @@ class Entry:
         self._mutex = threading.Lock()
         self.wrote = False
         self.unsynced = False
+        self._pending = 0
+        self._settled = threading.Condition()
         self.refresh()
 
     @classmethod
@@ -375,27 +380,16 @@ class Entry:
     def write_now(self, offset: int, view: memoryview | bytes) -> None:
         _pwrite_all(self.data, memoryview(view), offset)
 
-    def write(self, offset: int, view: memoryview, bounce: memoryview) -> None:
-        """Write ``view`` at ``offset``: its whole blocks with O_DIRECT through the aligned ``bounce`` buffer,
-        the partial blocks at its ends buffered.
+    def pending(self, change: int) -> None:
+        """Count writes queued for this entry (it stays open until they are done)."""
+        with self._settled:
+            self._pending += change
+            self._settled.notify_all()
 
-        Safe because one load at a time writes an entry (the writer lock) and its chunks are disjoint: a
-        block is written either whole, by the one chunk that covers it (direct), or in pieces by the chunks
-        that share it (buffered, merged in the page cache); never both at once. A later load's direct write
-        of a block first flushes its dirty pages and then drops them (the kernel does both)."""
-        end = offset + len(view)
-        first, last = _round_up(offset), end // _BLOCK * _BLOCK
-        if self.direct is None or last - first < _BLOCK:
-            _pwrite_all(self.data, view, offset)
-            return
-        _pwrite_all(self.data, view[: first - offset], offset)
-        _pwrite_all(self.data, view[last - offset :], last)
-        at = first
-        while at < last:
-            size = min(len(bounce), last - at)
-            bounce[:size] = view[at - offset : at - offset + size]  # the copy that O_DIRECT's alignment costs
-            _pwrite_all(self.direct, bounce[:size], at)
-            at += size
+    def settle(self) -> None:
+        with self._settled:
+            while self._pending:
+                self._settled.wait()
 
     def sync(self) -> None:
         """Make the data durable, then mark every record appended so far as durable."""
@@ -423,69 +417,62 @@ def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
 # --- the background writer and syncer --------------------------------------------------------------------
 
 
-class _Batch:
-    """The writes of one stream: waited for before the stream closes, i.e. before its memory is reused."""
-
-    def __init__(self) -> None:
-        self._condition = threading.Condition()
-        self._pending = 0
-        self.written: list[tuple[int, int]] = []
-        self.failed: OSError | None = None
-
-    def add(self) -> None:
-        with self._condition:
-            self._pending += 1
-
-    def done(self, start: int, end: int, error: OSError | None) -> None:
-        with self._condition:
-            if error is None:
-                self.written.append((start, end))
-            else:
-                self.failed = error
-            self._pending -= 1
-            self._condition.notify_all()
-
-    def wait(self) -> None:
-        with self._condition:
-            while self._pending:
-                self._condition.wait()
-
-
 class _Writer:
-    """Daemon threads that ``pwrite`` queued buffers; at most ``_QUEUE_BYTES`` queued (callers then wait)."""
+    """Writes cache bytes: buffered ones at once; whole blocks copied into one of at most ``_BOUNCES`` aligned
+    buffers and written with O_DIRECT by daemon threads, each range recorded once it is on the disk. The copy
+    frees the caller's memory at once (a pinned slot can be reused); the buffers bound what is queued."""
 
     def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[tuple[Entry, int, memoryview, _Batch]] = queue.SimpleQueue()
-        self._room = threading.Condition()
-        self._queued = 0
+        self._jobs: queue.SimpleQueue[tuple[Entry, int, memoryview, int]] = queue.SimpleQueue()
+        self._free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
+        self._made = 0
+        self._lock = threading.Lock()
         for n in range(_WRITER_THREADS):
             threading.Thread(target=self._run, name=f"stream_st-cache-{n}", daemon=True).start()
 
-    def submit(self, entry: Entry, offset: int, view: memoryview, batch: _Batch) -> None:
-        with self._room:
-            while self._queued and self._queued + len(view) > _QUEUE_BYTES:
-                self._room.wait()
-            self._queued += len(view)
-        batch.add()
-        self._jobs.put((entry, offset, view, batch))
+    def write(self, entry: Entry, offset: int, view: memoryview) -> list[tuple[int, int]]:
+        """Write ``view`` at ``offset`` of ``entry``; return the ranges already written (the caller records
+        them); the whole blocks are recorded by the writer threads when written."""
+        end = offset + len(view)
+        first, last = _round_up(offset), end // _BLOCK * _BLOCK
+        if entry.direct is None or len(view) < _WRITE_NOW_BELOW or last - first < _BLOCK:
+            _pwrite_all(entry.data, view, offset)
+            return [(offset, end)]
+        _pwrite_all(entry.data, view[: first - offset], offset)
+        _pwrite_all(entry.data, view[last - offset :], last)
+        at = first
+        while at < last:
+            bounce = self._bounce()
+            size = min(len(bounce), last - at)
+            bounce[:size] = view[at - offset : at - offset + size]  # the copy O_DIRECT's alignment costs
+            entry.pending(+1)
+            self._jobs.put((entry, at, bounce, size))
+            at += size
+        return [(offset, first), (last, end)]
+
+    def _bounce(self) -> memoryview:
+        with self._lock:
+            make = self._made < _BOUNCES and self._free.empty()
+            self._made += make
+        return memoryview(mmap.mmap(-1, _BOUNCE)) if make else self._free.get()  # page-aligned, as O_DIRECT needs
 
     def _run(self) -> None:
-        bounce = memoryview(mmap.mmap(-1, _BOUNCE))  # page-aligned, as O_DIRECT needs; reused for every job
         while True:
-            entry, offset, view, batch = self._jobs.get()
-            error = None
+            entry, at, bounce, size = self._jobs.get()
             try:
-                entry.write(offset, view, bounce)
+                assert entry.direct is not None
+                _pwrite_all(entry.direct, bounce[:size], at)
+                entry.record([(at, at + size)])
             except OSError as exc:
-                error = exc
-            batch.done(offset, offset + len(view), error)
-            with self._room:
-                self._queued -= len(view)
-                self._room.notify_all()
+                logger.warning("cache: could not write to %s: %s", entry.folder, exc)
+            finally:
+                self._free.put(bounce)
+                entry.pending(-1)
 
 
 class _Syncer:
-    """One daemon thread that syncs entries after their loads and closes them, off the loads' path."""
+    """One daemon thread that finishes entries after their loads, off the loads' path: waits for their
+    queued writes, syncs what is not durable yet, and closes them."""
 
     def __init__(self) -> None:
         self.jobs: queue.Queue[Entry] = queue.Queue()
@@ -495,7 +482,9 @@ class _Syncer:
         while True:
             entry = self.jobs.get()
             try:
-                entry.sync()
+                entry.settle()
+                if entry.unsynced:
+                    entry.sync()
             except OSError as exc:
                 logger.warning("cache: could not sync %s: %s", entry.url, exc)
             finally:
@@ -736,11 +725,11 @@ class CachingSource(Source):
         entry, self.entry = self.entry, None
         if entry is None:
             return
-        if self._store is not None and self._store.max_bytes is not None and entry.wrote:
+        if self._store is not None and self._store.max_bytes is not None and entry.writing:
             with self._store._lock():
                 self._store._evict(need=0, keep=entry.folder.name)
-        if entry.unsynced:
-            _background()[1].jobs.put(entry)  # fdatasync off the load's path, then close
+        if entry.writing or entry.unsynced:
+            _background()[1].jobs.put(entry)  # queued writes, then fdatasync, off the load's path; then close
         else:
             entry.close()
 
@@ -760,8 +749,7 @@ class _CachedStream:
         self._current: tuple[int, int, bool] | None = next(self._segments, None)
         self._position = self._current[0] if self._current else 0
         self._inner: ByteStream | None = None
-        self._batch = _Batch()
-        self._written_now: list[tuple[int, int]] = []
+        self._written: list[tuple[int, int]] = []
 
     def readinto(self, buffer: memoryview) -> int:
         while self._current is not None and self._position >= self._current[1]:
@@ -794,14 +782,10 @@ class _CachedStream:
     def _write(self, offset: int, view: memoryview) -> None:
         if not self._entry.writing:
             return  # another load writes this entry right now: it will hold these bytes
-        if len(view) < _WRITE_NOW_BELOW:
-            try:
-                self._entry.write_now(offset, view)
-                self._written_now.append((offset, offset + len(view)))
-            except OSError as exc:
-                self._batch.failed = exc
-        else:
-            _background()[0].submit(self._entry, offset, view, self._batch)
+        try:
+            self._written += _background()[0].write(self._entry, offset, view)
+        except OSError as exc:
+            logger.warning("cache: could not write to %s: %s", self._entry.folder, exc)
 
     def _finish_inner(self, *, reusable: bool) -> None:
         if self._inner is not None:
@@ -812,11 +796,8 @@ class _CachedStream:
         try:
             self._finish_inner(reusable=reusable and self._current is not None and self._position >= self._current[1])
         finally:
-            self._batch.wait()  # the caller may reuse this memory (a pinned slot) once we return
-            if self._batch.failed is not None:
-                logger.warning("cache: could not write to %s: %s", self._entry.folder, self._batch.failed)
             try:
-                self._entry.record(self._written_now + self._batch.written)
+                self._entry.record(self._written)  # written (or copied for the writer) before this returns
             except OSError as exc:
                 logger.warning("cache: could not update %s: %s", self._entry.folder, exc)
 

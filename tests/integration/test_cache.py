@@ -4,7 +4,6 @@ offline mode, the LRU cap, huggingface_hub's cache, and the CLI, against the rea
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import signal
 import subprocess
@@ -221,10 +220,16 @@ def test_unaligned_writes_land_exactly(tmp_path: Path, monkeypatch: pytest.Monke
     data = os.urandom(size)
     entry = cache.Store(tmp_path).open("k", "https://h/x", "v1", size, None)
     assert entry is not None and entry.writing
-    bounce = memoryview(mmap.mmap(-1, 4096 * 2))  # small and page-aligned: several windows per write
+    monkeypatch.setattr(cache, "_WRITE_NOW_BELOW", 0)  # even these small writes take the O_DIRECT path
+    monkeypatch.setattr(cache, "_BOUNCE", 2 * 4096)  # several windows per write
+    monkeypatch.setattr(cache, "_writer", None)
+    monkeypatch.setattr(cache, "_syncer", None)
     cuts = [0, 1, 4095, 4097, 3 * 4096, 3 * 4096 + 5, 5 * 4096 + 1, size]
     for a, b in zip(cuts, cuts[1:]):
-        entry.write(a, memoryview(data)[a:b], bounce)
+        entry.record(cache._background()[0].write(entry, a, memoryview(data)[a:b]))
+    entry.settle()
+    assert entry.segments(0, size) == [(0, size, True)]
+    assert (entry.direct is not None) == direct
     with open(tmp_path / "entries" / "k" / "data", "rb") as f:
         assert f.read(size) == data
     entry.close()
