@@ -63,7 +63,9 @@ def main() -> None:
     p.add_argument("--size-gib", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
+    p.add_argument("--only", nargs="+", choices=list(CODE), help="run only these contenders")
     args = p.parse_args()
+    contenders = args.only or list(CODE)
     path = ensure_checkpoint(args.out, args.size_gib)
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_ST_") and not k.lower().endswith("_proxy")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
@@ -86,11 +88,11 @@ def main() -> None:
             return result
 
         process.run_process([sys.executable, "-c", CODE["stream_st_writing"], "", url, str(warm)], env, REPO)
-        for key in CODE:
+        for key in contenders:
             checked = run(key, check=True)
             print(f"{key}: {checked.output.splitlines()[-1]}; server sent {checked.traffic.bytes} bytes", flush=True)  # type: ignore[attr-defined]
-        runs: dict[str, list[process.Run]] = {key: [] for key in CODE}
-        keys = list(CODE)
+        runs: dict[str, list[process.Run]] = {key: [] for key in contenders}
+        keys = contenders
         for round_ in range(args.repeats):
             order = keys[round_ % len(keys) :] + keys[: round_ % len(keys)]
             for key in order:
@@ -98,8 +100,9 @@ def main() -> None:
             print(f"round {round_ + 1}: " + ", ".join(f"{k} {runs[k][-1].wall_s:.2f}s" for k in keys), flush=True)
     stats = {key: process.timing(r) | {"server_bytes": [x.traffic.bytes for x in r]} for key, r in runs.items()}  # type: ignore[attr-defined]
     median = {key: s["median_s"] for key, s in stats.items()}
-    cached_ratio = median["stream_st_cached"] / median["safetensors_local"]
-    writing_ratio = median["stream_st_writing"] / median["stream_st"]
+    nan = float("nan")
+    cached_ratio = median.get("stream_st_cached", nan) / median.get("safetensors_local", nan)
+    writing_ratio = median.get("stream_st_writing", nan) / median.get("stream_st", nan)
     machine = f"{platform.node()}, {os.cpu_count()} cores, {platform.platform()}"
     lines = [
         f"# cache benchmark ({time.strftime('%Y-%m-%d')}, {machine})",

@@ -20,6 +20,7 @@ the boot id; records of an earlier boot are trusted only if a later ``S`` line s
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import json
 import logging
@@ -427,6 +428,9 @@ class _Writer:
         self._free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
         self._made = 0
         self._lock = threading.Lock()
+        self._queued = 0
+        self._idle = threading.Condition(self._lock)
+        atexit.register(self.drain)  # what is queued (at most _BOUNCES buffers) reaches the disk before exit
         for n in range(_WRITER_THREADS):
             threading.Thread(target=self._run, name=f"stream_st-cache-{n}", daemon=True).start()
 
@@ -446,6 +450,8 @@ class _Writer:
             size = min(len(bounce), last - at)
             bounce[:size] = view[at - offset : at - offset + size]  # the copy O_DIRECT's alignment costs
             entry.pending(+1)
+            with self._lock:
+                self._queued += 1
             self._jobs.put((entry, at, bounce, size))
             at += size
         return [(offset, first), (last, end)]
@@ -468,6 +474,14 @@ class _Writer:
             finally:
                 self._free.put(bounce)
                 entry.pending(-1)
+                with self._lock:
+                    self._queued -= 1
+                    self._idle.notify_all()
+
+    def drain(self) -> None:
+        with self._idle:
+            while self._queued:
+                self._idle.wait()
 
 
 class _Syncer:

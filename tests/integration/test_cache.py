@@ -295,6 +295,27 @@ def test_two_processes_loading_at_once_both_get_correct_tensors(http: RangeServe
     assert ranges(http) == [(0, SMALL_PROBE)]
 
 
+def test_a_process_that_exits_right_after_its_load_leaves_a_complete_entry(own: RangeServer, tmp_path: Path) -> None:
+    write(own.root / "big.safetensors", {"w": torch.arange(3 << 20, dtype=torch.float32)})  # 12 MiB: O_DIRECT path
+    code = (
+        "import os, sys, threading, time, torch, stream_st as sst\n"
+        "from stream_st import cache\n"
+        "pwrite = os.pwrite\n"
+        "def slow(fd, data, at):  # the disk is slow: writes are still queued when the load returns\n"
+        "    if threading.current_thread().name.startswith('stream_st-cache'):\n"
+        "        time.sleep(2)\n"
+        "    return pwrite(fd, data, at)\n"
+        "os.pwrite = slow\n"
+        "sst.load_file(sys.argv[1], cache_dir=sys.argv[2], progress=False)\n"
+        "assert cache._writer is not None and cache._writer._queued, 'nothing was left to wait for'\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    ran = subprocess.run([sys.executable, "-c", code, own.url("big.safetensors"), str(tmp_path)], env=env, timeout=120)
+    assert ran.returncode == 0
+    (entry,) = cache.Store(tmp_path).entries()
+    assert entry.cached == entry.size  # the writes still queued at exit were waited for
+
+
 def test_kill_9_while_writing_leaves_a_cache_the_next_load_can_trust(
     http: RangeServer, root: Path, tmp_path: Path
 ) -> None:
