@@ -21,6 +21,7 @@ the boot id; records of an earlier boot are trusted only if a later ``S`` line s
 from __future__ import annotations
 
 import atexit
+import ctypes
 import fcntl
 import json
 import logging
@@ -405,6 +406,20 @@ class Entry:
                 os.close(fd)
 
 
+def _copy(target: memoryview, source: memoryview) -> None:
+    """``target[:len(source)] = source`` without holding the GIL (ctypes releases it around the call): a
+    plain slice assignment would stop every other Python thread (the torch import a cold start overlaps
+    with the download) for the whole copy."""
+    if source.readonly:
+        target[: len(source)] = source
+        return
+    ctypes.memmove(_address(target), _address(source), len(source))
+
+
+def _address(view: memoryview) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(view)) if len(view) else 0
+
+
 def _round_up(n: int) -> int:
     return -(-n // _BLOCK) * _BLOCK
 
@@ -448,7 +463,7 @@ class _Writer:
         while at < last:
             bounce = self._bounce()
             size = min(len(bounce), last - at)
-            bounce[:size] = view[at - offset : at - offset + size]  # the copy O_DIRECT's alignment costs
+            _copy(bounce, view[at - offset : at - offset + size])  # the copy O_DIRECT's alignment costs
             entry.pending(+1)
             with self._lock:
                 self._queued += 1
@@ -623,6 +638,7 @@ class CachingSource(Source):
         return self.local is None and (self.inner is None or self.inner.version_is_global)
 
     def probe(self, length: int) -> Probe:
+        self._forget()  # a retried probe starts over (no write is pending before the first range)
         offline = self._opener is None
         if self._hub is not None:
             commit = self._hub.known_commit(offline)
@@ -640,7 +656,7 @@ class CachingSource(Source):
             prefix = self.entry.cached_prefix(length)
             return self._remember(Probe(prefix, self.entry.size, self.entry.version))
         assert self._opener is not None
-        inner = self.inner = self._opener()
+        inner = self.inner = self.inner or self._opener()
         hinted = (self._store is not None and (self._store._entries / self._key).exists()) or (
             self._hub is not None and self._hub.folder().exists()
         )
@@ -663,6 +679,12 @@ class CachingSource(Source):
         if len(prefix) < min(length, probe.size):
             prefix = max(prefix, self.entry.cached_prefix(length), key=len)
         return self._remember(Probe(prefix, probe.size, probe.version, probe.ranges))
+
+    def _forget(self) -> None:
+        for kept in (self.local, self.entry):
+            if kept is not None:
+                kept.close()
+        self.local = self.entry = None
 
     def _serve_local(self, path: Path, commit: str, length: int, pinned: str | None) -> Probe:
         assert self._hub is not None

@@ -122,6 +122,14 @@ def test_a_changed_etag_refetches(own: RangeServer, tmp_path: Path) -> None:
     assert own.gets() == []
 
 
+def test_a_retried_probe_still_writes_the_cache(http: RangeServer, root: Path, tmp_path: Path) -> None:
+    http.quirks.status_once = [503]  # the first probe fails and is retried
+    assert_same(load(http.url(NAME), tmp_path, backoff_base=0.01), reference(root))
+    http.reset()
+    assert_same(load(http.url(NAME), tmp_path), reference(root))
+    assert ranges(http) == [(0, SMALL_PROBE)]
+
+
 def test_no_etag_means_no_caching(http: RangeServer, root: Path, tmp_path: Path) -> None:
     http.quirks.no_etag = True
     load(http.url(NAME), tmp_path)
