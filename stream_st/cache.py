@@ -8,7 +8,7 @@ Layout under the cache folder (``cache_dir``)::
     entries/<key>/ranges      the range map: one appended line per byte range that is in ``data``
     entries/<key>/lock        flock: shared while a process uses the entry (eviction skips it)
 
-``<key>`` hashes the URL without query string or user info (``transport.redact``) and the non-secret option
+``<key>`` hashes the URL without query string or user info (``Location.shown``, location.py) and the non-secret option
 naming the endpoint; the entry also records the version (ETag, generation, commit) and size the probe saw,
 and a different version replaces the entry: a changed object is never served from the cache.
 
@@ -45,8 +45,9 @@ from urllib.parse import urlsplit
 from .config import Config
 from .errors import NotCachedError
 from .integrity import Digest
+from .location import redact
+from .process_cache import ProcessCache
 from .sources import ByteStream, LocalSource, Probe, Source
-from .transport import redact
 
 logger = logging.getLogger(__name__)
 
@@ -521,32 +522,17 @@ class _Syncer:
                 self.jobs.task_done()
 
 
-_writer: _Writer | None = None
-_syncer: _Syncer | None = None
-_started = threading.Lock()
+_threads: ProcessCache[tuple[_Writer, _Syncer]] = ProcessCache()  # threads do not survive fork
 
 
 def _background() -> tuple[_Writer, _Syncer]:
-    global _writer, _syncer
-    with _started:
-        if _writer is None or _syncer is None:
-            _writer, _syncer = _Writer(), _Syncer()
-        return _writer, _syncer
-
-
-def _forget_threads_after_fork() -> None:
-    global _writer, _syncer, _started
-    _writer = _syncer = None  # threads do not survive fork: the child starts its own
-    _started = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_threads_after_fork)
+    return _threads.get("threads", lambda: (_Writer(), _Syncer()))
 
 
 def wait_for_syncs() -> None:
     """Block until every entry closed so far is durable on disk (``stream-st download``)."""
-    if _syncer is not None:
-        _syncer.jobs.join()
+    for _, syncer in _threads.values():
+        syncer.jobs.join()
 
 
 # --- the Hugging Face cache -------------------------------------------------------------------------------
@@ -563,9 +549,9 @@ class HubFile:
 
     @classmethod
     def parse(cls, url: str) -> HubFile | None:
-        from .cloud import _parse_hub_url
+        from .cloud import parse_hub_url
 
-        where = _parse_hub_url(url)
+        where = parse_hub_url(url)
         return None if where is None else cls(where.kind, where.repo_id, where.revision, where.path)
 
     def folder(self) -> Path:

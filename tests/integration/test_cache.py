@@ -21,6 +21,7 @@ from checkpoints import assert_same, layered_state, write
 from servers import RangeServer
 from stream_st import cache, gpu
 from stream_st.errors import NotCachedError
+from stream_st.process_cache import ProcessCache
 from stream_st.remote import RemoteFile
 
 NAME = "layered.safetensors"
@@ -145,7 +146,7 @@ def test_the_slot_path_writes_through_before_slots_are_reused(
 ) -> None:
     """The GPU path's pinned-slot pipeline, run on CPU memory: two slots, many parts, each slot reused often."""
     monkeypatch.setattr(RemoteFile, "stage_cpu_loads", True)
-    monkeypatch.setattr(gpu, "_pools", {})
+    monkeypatch.setattr(gpu, "_pools", ProcessCache())
     options = {"pinned_pool_bytes": 2 * 65536, "max_concurrency": 4}
     assert_same(load(http.url(NAME), tmp_path, device="cpu", **options), reference(root))
     http.reset()
@@ -230,8 +231,7 @@ def test_unaligned_writes_land_exactly(tmp_path: Path, monkeypatch: pytest.Monke
     assert entry is not None and entry.writing
     monkeypatch.setattr(cache, "_WRITE_NOW_BELOW", 0)  # even these small writes take the O_DIRECT path
     monkeypatch.setattr(cache, "_BOUNCE", 2 * 4096)  # several windows per write
-    monkeypatch.setattr(cache, "_writer", None)
-    monkeypatch.setattr(cache, "_syncer", None)
+    monkeypatch.setattr(cache, "_threads", ProcessCache())  # a writer with those small buffers
     cuts = [0, 1, 4095, 4097, 3 * 4096, 3 * 4096 + 5, 5 * 4096 + 1, size]
     for a, b in zip(cuts, cuts[1:]):
         entry.record(cache._background()[0].write(entry, a, memoryview(data)[a:b]))
@@ -315,7 +315,7 @@ def test_a_process_that_exits_right_after_its_load_leaves_a_complete_entry(own: 
         "    return pwrite(fd, data, at)\n"
         "os.pwrite = slow\n"
         "sst.load_file(sys.argv[1], cache_dir=sys.argv[2], progress=False)\n"
-        "assert cache._writer is not None and cache._writer._queued, 'nothing was left to wait for'\n"
+        "assert cache._background()[0]._queued, 'nothing was left to wait for'\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     ran = subprocess.run([sys.executable, "-c", code, own.url("big.safetensors"), str(tmp_path)], env=env, timeout=120)
