@@ -386,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     command("demo", "serve a small checkpoint on 127.0.0.1, stream it, check it against safetensors").set_defaults(
         run=cmd_demo
     )
+    from .cache_cli import register as register_cache_commands
+
+    register_cache_commands(commands)  # stream-st download, stream-st cache ls | prune | rm
     return parser
 
 

@@ -66,6 +66,11 @@ class Config:
         direct_http: move s3://, gs:// and hf:// bytes on stream_st's threaded HTTP data plane (presigned
             or token-authenticated GETs made by s3fs / gcsfs / huggingface_hub). False reads through the
             filesystem's own ``cat_file`` instead (slower; for stores whose HTTP API differs).
+        cache_dir: keep fetched bytes in this folder and read them from there next time (cache.py); None
+            (default) stages nothing; ``"default"`` is the platform's user cache folder (~/.cache/stream_st).
+        cache_max_bytes: evict least recently used cache entries past this many bytes on disk; None: no cap.
+        offline: use only the cache (``cache_dir``, and huggingface_hub's cache for hf://); what is not
+            there raises NotCachedError. ``HF_HUB_OFFLINE=1`` does the same for hf:// URLs.
     """
 
     max_concurrency: int = 8
@@ -86,6 +91,9 @@ class Config:
     prefetch_max_bytes: int | None = None
     early_start: bool | None = None
     direct_http: bool = True
+    cache_dir: str | None = None
+    cache_max_bytes: int | None = None
+    offline: bool = False
 
     def __post_init__(self) -> None:
         positive = (
@@ -109,6 +117,10 @@ class Config:
             raise ConfigError(f"config max_header_size must be >= 2, got {self.max_header_size}")
         if self.prefetch_max_bytes is not None and self.prefetch_max_bytes <= 0:
             raise ConfigError(f"config prefetch_max_bytes must be > 0 or None, got {self.prefetch_max_bytes!r}")
+        if self.cache_max_bytes is not None and self.cache_max_bytes <= 0:
+            raise ConfigError(f"config cache_max_bytes must be > 0 or None, got {self.cache_max_bytes!r}")
+        if self.cache_dir is not None:
+            object.__setattr__(self, "cache_dir", os.fspath(self.cache_dir) or None)  # a Path is welcome
         if self.timeout is not None and self.timeout <= 0:
             raise ConfigError(f"config timeout must be > 0 or None, got {self.timeout!r}")
 
@@ -122,7 +134,7 @@ class Config:
             if raw is None:
                 continue
             kind: Callable[[str], Any] = (
-                float if f.name in _FLOAT_FIELDS else _boolean if f.name in _BOOL_FIELDS else int
+                float if f.name in _FLOAT_FIELDS else _boolean if f.name in _BOOL_FIELDS else _KINDS.get(f.name, int)
             )
             try:
                 values[f.name] = None if raw.lower() == "none" and f.name in _OPTIONAL_FIELDS else kind(raw)
@@ -147,8 +159,9 @@ def _boolean(raw: str) -> bool:
     raise ValueError(raw)
 
 
-_OPTIONAL_FIELDS = frozenset({"timeout", "prefetch_max_bytes", "early_start"})
-_BOOL_FIELDS = frozenset({"direct_http", "early_start"})
+_OPTIONAL_FIELDS = frozenset({"timeout", "prefetch_max_bytes", "early_start", "cache_dir", "cache_max_bytes"})
+_BOOL_FIELDS = frozenset({"direct_http", "early_start", "offline"})
+_KINDS: dict[str, Callable[[str], Any]] = {"cache_dir": str}
 _FLOAT_FIELDS = frozenset({"backoff_base", "backoff_max", "stall_timeout", "connect_timeout", "timeout"})
 
 

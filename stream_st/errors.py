@@ -17,7 +17,8 @@ Every error derives from :class:`StreamSTError` and also from the builtin a call
         ├── RangeNotSupportedError              the server ignored or mangled a Range request
         ├── IncompleteReadError                 a body ended before the bytes asked for arrived
         ├── SlowTransferError(TimeoutError)     a server sent slower than ``min_speed`` (retried)
-        └── ObjectChangedError                  the object changed while it was being loaded
+        ├── ObjectChangedError                  the object changed while it was being loaded
+        └── NotCachedError(FileNotFoundError)   offline, and the bytes asked for are not in the cache
 
 ``FileNotFoundError`` and ``PermissionError`` raised by the storage layer pass through unchanged
 (with the URL in their message). Errors carry ``url``, ``tensor``, ``start`` and ``end`` where known; a
@@ -113,6 +114,11 @@ class ObjectChangedError(FetchError):
 class RangeIgnoredWarning(UserWarning):
     """The server ignores Range requests: a load streams the object from its first byte and drops what it
     does not want (it still works, but a partial load costs the whole download)."""
+
+
+class NotCachedError(FetchError, FileNotFoundError):
+    """Offline (``STREAM_ST_OFFLINE``, ``HF_HUB_OFFLINE`` for hf://) and the object, or the tensors asked
+    for, are not in the local cache (``cache_dir``) nor, for hf://, in huggingface_hub's cache."""
 
 
 class IntegrityWarning(UserWarning):

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import held
 from ._loop import warn_caller
+from .cache import open_cached
 from .errors import (
     ConfigError,
     FetchError,
@@ -383,6 +384,14 @@ def _check_same_version(found: held.HeldFile, source: Source, header_bytes: memo
         )
 
 
+def _open_source(url: str, engine: Engine, storage_options: Mapping[str, Any] | None) -> Source:
+    """``open_source``, through the local cache where one is configured or offline (cache.py)."""
+    direct = engine.config.direct_http
+    return open_cached(
+        url, engine.config, storage_options, lambda: open_source(url, engine.pool, storage_options, direct=direct)
+    )
+
+
 async def read_whole(url: str, engine: Engine, storage_options: Mapping[str, Any] | None) -> bytes:
     """A small whole object (an index), through the same sources, retries and checks as tensor data."""
     return (await read_whole_pinned(url, engine, storage_options))[0]
@@ -413,9 +422,7 @@ async def probed(
     that finds no credentials is a ``CredentialsError`` naming the URL."""
     source: Source | None = None
     try:
-        source = await engine.run(
-            lambda: open_source(url, engine.pool, storage_options, direct=engine.config.direct_http)
-        )
+        source = await engine.run(_open_source, url, engine, storage_options)
         return source, await engine.probe(source, length)
     except BaseException as exc:
         if source is not None:
