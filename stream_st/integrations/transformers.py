@@ -25,19 +25,26 @@ from .._loop import run_sync
 from ..api import load_file
 from ..arguments import Device, to_device
 from ..config import Config, resolve
+from ..errors import ConfigError
 from ..fetch import Engine
-from ..location import redact
+from ..location import Location, redact
 from ..remote import read_whole
 
 CONFIG_NAME = "config.json"
 
 
 def folder_of(url: str) -> str:
-    """The folder that holds a checkpoint's ``config.json``: the URL itself unless it names a file."""
-    stripped = url.rstrip("/")
-    if stripped.endswith((".safetensors", ".json")):
-        return stripped.rsplit("/", 1)[0]
-    return stripped
+    """The folder that holds a checkpoint's ``config.json``: the URL itself unless it names a file (whose
+    query string, a presigned URL's signature, is for that file alone and is dropped)."""
+    where = Location.parse(url)
+    if where.path.rstrip("/").endswith((".safetensors", ".json")):
+        return where.folder().url
+    return url.rstrip("/")
+
+
+def config_location(url: str) -> Location:
+    """Where the ``config.json`` of the checkpoint at ``url`` is."""
+    return Location.parse(folder_of(url)).child(CONFIG_NAME)
 
 
 async def read_config_async(
@@ -46,15 +53,15 @@ async def read_config_async(
     """The ``config.json`` next to the checkpoint at ``url``, as a dict (through stream_st's sources)."""
     engine = Engine(resolve(config, {}))
     try:
-        raw = await read_whole(f"{folder_of(url)}/{CONFIG_NAME}", engine, storage_options)
+        raw = await read_whole(config_location(url).url, engine, storage_options)
     finally:
         engine.close()
     try:
         document = json.loads(raw)
     except ValueError as exc:
-        raise ValueError(f"{redact(folder_of(url))}/{CONFIG_NAME}: not valid JSON ({exc})") from None
+        raise ConfigError(f"{config_location(url).shown}: not valid JSON ({exc})") from None
     if not isinstance(document, dict):
-        raise ValueError(f"{redact(folder_of(url))}/{CONFIG_NAME}: expected a JSON object")
+        raise ConfigError(f"{config_location(url).shown}: expected a JSON object")
     return document
 
 
@@ -104,7 +111,7 @@ def from_pretrained(
         document = run_sync(read_config_async(url, storage_options=storage_options, config=config))
         model_type = document.pop("model_type", None)
         if model_type is None:
-            raise ValueError(f"{redact(folder_of(url))}/{CONFIG_NAME} has no model_type")
+            raise ConfigError(f"{config_location(url).shown} has no model_type")
         hf_config = transformers.AutoConfig.for_model(model_type, **document)
     model_class, hf_config = concrete_class(model_class, hf_config)
     state = load_file(url, device, tensors=tensors, storage_options=storage_options, config=config)

@@ -148,3 +148,12 @@ def test_prefetch_then_from_pretrained_takes_the_prefetched_weights(served: tupl
     header = 8 + int.from_bytes(weights.read_bytes()[:8], "little")
     sent = sum(r.sent for r in server.gets("llama-tied/model.safetensors"))
     assert sent == weights.stat().st_size + header  # the weights once; the load re-read only the header
+
+
+def test_config_json_of_a_presigned_file_url_is_its_sibling_without_the_signature() -> None:
+    from stream_st.integrations.transformers import config_location
+
+    signed = config_location("https://host/bucket/model.safetensors?X-Amz-Signature=abc%2Fdef&X-Amz-Expires=60")
+    assert signed.url == "https://host/bucket/config.json"
+    assert config_location("s3://bucket/llama/").url == "s3://bucket/llama/config.json"
+    assert config_location("hf://org/repo").url == "hf://org/repo/config.json"
