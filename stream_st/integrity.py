@@ -132,6 +132,13 @@ class OrderedHasher:
         self.hasher = new_hasher(self.expected.algorithm)
         self.segments.sort(key=lambda s: s[0])
 
+    def extend(self, segments: list[tuple[int, int, Memory]]) -> None:
+        """More segments (a file hashed batch by batch); bytes that already landed in them are hashed now."""
+        with self._lock:
+            self.segments.extend(segments)
+            self.segments.sort(key=lambda s: s[0])
+        self.landed(0, 0)  # resumes hashing up to what has landed in order
+
     def landed(self, start: int, end: int) -> None:
         with self._lock:
             self._done.append((start, end))

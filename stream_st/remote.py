@@ -85,6 +85,11 @@ class RemoteFile:
         self._prefix = memoryview(prefix)  # first bytes of the object: header, then possibly tensor data
         self._location, self._storage_options = location, storage_options  # to find a digest sidecar
         self._held: held.HeldFile | None = None  # the prefetch of this file, if one holds its tensors
+        # Set by iter_tensors when it reads every tensor of this file, batch after batch, in file order: a
+        # whole-file digest is then checked across the batches (``_batch_hasher``).
+        self.verified_in_batches = False
+        self._batches_hasher: OrderedHasher | None = None
+        self._sidecar_read: asyncio.Future[Sidecar | None] | None = None  # read once per file
 
     @property
     def url(self) -> str:
@@ -161,10 +166,17 @@ class RemoteFile:
         memories = _hashable_memories(outputs, staged) if verify else {}
         sliced = {name for name, region in requested if region}
         whole = len(outputs) == len(self.header) and not sliced
-        if isinstance(verify, str) and verify != "strict" and not whole:
-            self._refuse_whole_file_digest(verify, len(outputs) - len(sliced), len(sliced))
-        hasher = await self._whole_file_hasher(verify, memories) if verify and whole else None
-        sidecar = await self._sidecar_for_partial(verify) if verify and not whole else None
+        hasher: OrderedHasher | None = None
+        sidecar: Sidecar | None = None
+        explicit = isinstance(verify, str) and verify != "strict"
+        if verify and whole:
+            hasher = await self._whole_file_hasher(verify, memories)
+        elif verify and self.verified_in_batches and not sliced and (explicit or await self._sidecar() is None):
+            hasher = await self._batch_hasher(verify, memories)  # the whole file, batch after batch
+        elif verify:
+            if explicit:
+                self._refuse_whole_file_digest(str(verify), len(outputs) - len(sliced), len(sliced))
+            sidecar = await self._sidecar_for_partial(verify)
         if verify and sliced:
             self._unverifiable(verify, f"{len(sliced)} tensor(s) were sliced, and digests cover whole tensors")
         landed = hasher.landed if hasher else None
@@ -179,8 +191,9 @@ class RemoteFile:
             views = {name: out.view() for name, out in outputs.items()}
             await self.engine.fetch(self.source, wants, lambda key: views[str(key)], landed, max_gap=gap)
         self.source.check_unchanged()
-        if hasher is not None:
-            hasher.check()
+        if hasher is not None and (whole or hasher.frontier == self.header.file_size):
+            self._batches_hasher = None
+            hasher.check()  # a file read in batches: before its last batch is returned
         if sidecar is not None:
             checked = [(name, outputs[name].buffer.numel(), memories[name]) for name in outputs if name not in sliced]
             await self.engine.run(check_tensors, self.url, sidecar, checked)
@@ -296,8 +309,19 @@ class RemoteFile:
             # half-copied tensor, nor may memory still being copied into be freed.
             await self.engine.run(staging.finish)
 
+    async def _batch_hasher(self, verify: VerifyOption, memories: Mapping[str, Memory]) -> OrderedHasher:
+        """The hasher of a file read whole in consecutive batches (``iter_tensors``), given this batch's
+        tensors: the file's digest is checked as its last batch lands, before that batch is returned. The
+        batches before it were returned unchecked: a sidecar's per-tensor digests check each batch instead."""
+        if self._batches_hasher is None:
+            self._batches_hasher = await self._whole_file_hasher(verify, memories)
+        else:
+            infos = [(self.info(name), memory) for name, memory in memories.items()]
+            self._batches_hasher.extend([(info.start, info.end, memory) for info, memory in infos if info.nbytes])
+        return self._batches_hasher
+
     async def _whole_file_hasher(self, verify: VerifyOption, memories: Mapping[str, Memory]) -> OrderedHasher:
-        """A hasher over the whole object: header bytes, then every tensor where it lands."""
+        """A hasher over the whole object: header bytes, then every tensor of ``memories`` where it lands."""
         if isinstance(verify, str) and verify != "strict":
             expected = parse_digest(verify)
         else:
@@ -313,15 +337,21 @@ class RemoteFile:
                 )
             expected = found
         segments: list[tuple[int, int, Memory]] = [(0, self.header.data_start, self.header_bytes())]
-        segments += [(info.start, info.end, memories[info.name]) for info in self.header if info.nbytes]
+        segments += [(i.start, i.end, memories[i.name]) for i in self.header if i.nbytes and i.name in memories]
         hasher = OrderedHasher(self.url, self.header.file_size, expected, segments)
         hasher.landed(0, len(self._prefix))  # the header, and tensor bytes copied from the prefix
         return hasher
 
     async def _sidecar(self) -> Sidecar | None:
         """``<file>.sha256.json`` next to the file (of the file's own version where the store pins one), or
-        None when there is none. A refused one counts as absent: a presigned URL's signature covers its
-        own path only, and S3 answers 403 for a missing key to a client that may not list the bucket."""
+        None when there is none; read once per file. A refused one counts as absent: a presigned URL's
+        signature covers its own path only, and S3 answers 403 for a missing key to a client that may not
+        list the bucket."""
+        if self._sidecar_read is None:
+            self._sidecar_read = asyncio.ensure_future(self._read_sidecar())
+        return await asyncio.shield(self._sidecar_read)
+
+    async def _read_sidecar(self) -> Sidecar | None:
         where = sidecar_location(self.source.pinned_url() or self._location)
         try:
             raw = await read_whole(where.url, self.engine, self._storage_options)

@@ -49,6 +49,8 @@ EXCLUDED = {
     "load_format='stream_st' and llm()) and s3://bucket/llama/ of a real account",
     "### Serverless cold start": "prefetches s3://bucket/llama/ (LocalStack) and builds a transformers model "
     "from ./config; the same path runs in tests/integration/test_prefetch.py",
+    "### Local cache": "hf://org/repo and s3://bucket/model/ of real accounts, and a /nvme folder; the same "
+    "calls run against local servers in tests/integration/test_cache.py",
     "### Many ranks: tensor, pipeline and data parallel": "needs torch.distributed process groups (rank, "
     "world_size, my_layers come from the launcher) and GPUs; covered by tests/integration/test_distributed.py",
 }

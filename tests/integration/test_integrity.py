@@ -172,8 +172,12 @@ def test_iter_tensors_verifies_each_batch(served: Any) -> None:
     server, folder = served
     path = folder / "model.safetensors"
     url = server.url("model.safetensors")
-    with pytest.warns(IntegrityWarning, match="a partial load cannot be checked"):
+    # No digest anywhere: verify=True fails as load_file's does, not with a warning per batch.
+    with pytest.raises(IntegrityError, match="publishes no digest and there is no .sha256.json sidecar"):
+        sst.load_file(url, verify=True)
+    with pytest.raises(IntegrityError, match="publishes no digest and there is no .sha256.json sidecar"):
         list(sst.iter_tensors(url, verify=True, max_inflight_bytes=100_000))
+    assert len(sst.read_header(url)) > 3  # several batches of 100 kB
     assert main(["digest", str(path), "--output-dir", str(folder)]) == 0
     expected = safetensors.torch.load_file(str(path))
     assert_same(dict(sst.iter_tensors(url, verify="strict", max_inflight_bytes=100_000)), expected)
@@ -187,3 +191,23 @@ def test_iter_tensors_verifies_each_batch(served: Any) -> None:
 
     with pytest.raises(IntegrityError, match="tensor 'lm_head.weight' has sha256"):
         asyncio.run(drain())
+
+
+def test_iter_tensors_checks_a_whole_file_digest_across_its_batches(served: Any) -> None:
+    """verify= behaves for iter_tensors as for load_file: a whole-file digest (the caller's, or the store's)
+    is checked as the file's last batch lands, before that batch is yielded."""
+    server, folder = served
+    path = folder / "model.safetensors"
+    url = server.url("model.safetensors")
+    digest = f"sha256:{sha256(path)}"
+    expected = safetensors.torch.load_file(str(path))
+    assert_same(dict(sst.iter_tensors(url, verify=digest, max_inflight_bytes=100_000)), expected)
+    names = list(sst.read_header(url).tensors)
+    flip_byte(path, sst.read_header(url).tensors[names[-1]].start + 1)  # in the last batch
+    yielded: list[str] = []
+    with pytest.raises(IntegrityError, match="sha256 of the streamed bytes is"):
+        for name, _ in sst.iter_tensors(url, verify=digest, max_inflight_bytes=100_000):
+            yielded.append(name)
+    assert names[-1] not in yielded and yielded == names[: len(yielded)]  # the failing batch never came out
+    with pytest.raises(sst.ConfigError, match="is a digest of the whole file"):
+        next(sst.iter_tensors(url, tensors=names[0], verify=digest))  # a part of the file: not applicable
