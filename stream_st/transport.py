@@ -413,7 +413,9 @@ def _check(
     etag: str | None,
     ranged: bool,
 ) -> int:
-    """Raise unless the response carries exactly the bytes asked for; return the object's size."""
+    """Raise unless the response carries exactly the bytes asked for; return the object's size. One function
+    on purpose: it is the order in which an answer is judged (status, encoding, version, then range), read
+    top to bottom."""
     status = response.status
     asked = f"bytes {start}-{end - 1}"
     context: dict[str, Any] = {"url": url, "start": start, "end": end}
