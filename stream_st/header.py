@@ -361,8 +361,8 @@ def _validate(
 ) -> tuple[dict[str, TensorInfo], dict[str, str] | None]:
     """Check every rule and name the first broken one. What the fast path ``passed`` is taken over once
     its dims are checked in bulk, so a header rejected at its last entry costs one validation, not two.
-    One function on purpose: its loops run once per entry of headers of a million entries, where a call
-    per entry into helpers measured as a large part of the parse."""
+    One function on purpose: its loops run once per entry of headers of up to a million entries, and a
+    helper called per entry would add a Python call to each."""
     # Written for a million entries: one pass checks each entry's types, one its place and size.
     metadata: dict[str, str] | None = None
     seen_metadata = False
