@@ -139,7 +139,7 @@ async def open_checkpoint(url: str, engine: Engine, storage_options: Mapping[str
     local = where.local_path
     if where.path.endswith(SUFFIX) or (local is not None and os.path.exists(local) and not os.path.isdir(local)):
         return Checkpoint(where.shown, engine, options, [url])
-    not_a_checkpoint: HeaderError | None = None
+    not_a_checkpoint: HeaderError | PermissionError | None = None
     if local is None and _may_be_a_file(where):
         # A file is a file whatever its name (w.bin, model.st, noext): what the object is decides, not its
         # suffix. Its header read is the first request either way, and the opened file is kept.
@@ -147,10 +147,12 @@ async def open_checkpoint(url: str, engine: Engine, storage_options: Mapping[str
             return Checkpoint(where.shown, engine, options, [url]).adopt(await RemoteFile.open(url, engine, options))
         except (FileNotFoundError, IsADirectoryError):
             pass  # a folder, prefix or repo
-        except HeaderError as exc:
+        except (HeaderError, PermissionError) as exc:
             if where.scheme not in ("http", "https"):
                 raise
-            not_a_checkpoint = exc  # an HTTP folder may answer with a page (a listing): try the folder names
+            # An HTTP folder may answer with a page (a listing) or refuse (nginx: 403 without autoindex): try
+            # the folder names; if they are not there either, this answer is the error to report.
+            not_a_checkpoint = exc
     if where.scheme in ("http", "https"):
         return await _guess_http_folder(where, engine, options, not_a_checkpoint)
     if where.scheme not in ("", "file", "local"):
@@ -174,7 +176,7 @@ async def open_checkpoint(url: str, engine: Engine, storage_options: Mapping[str
 
 
 async def _guess_http_folder(
-    where: Location, engine: Engine, options: dict[str, Any], not_a_checkpoint: HeaderError | None
+    where: Location, engine: Engine, options: dict[str, Any], not_a_checkpoint: HeaderError | PermissionError | None
 ) -> Checkpoint:
     """A plain HTTP server cannot list a folder: try the transformers names, the index first. If neither is
     there, the URL's own answer says what went wrong (``not_a_checkpoint``), else that nothing was found."""

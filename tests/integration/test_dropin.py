@@ -14,7 +14,7 @@ import torch
 
 import stream_st as sst
 from checkpoints import assert_same, write
-from servers import RangeServer
+from servers import Nginx, RangeServer
 
 
 @pytest.mark.parametrize("backend", ["mmap", "pread"])
@@ -240,3 +240,13 @@ def test_cli_misuse_is_named(http: RangeServer, capsys: pytest.CaptureFixture[st
     with pytest.raises(SystemExit):
         main(["load", http.url("small.safetensors"), "--dtype", "int8"])
     assert "invalid choice: 'int8'" in capsys.readouterr().err
+
+
+def test_an_http_folder_that_refuses_to_be_listed_is_still_a_folder(nginx: Nginx, root: Path) -> None:
+    # nginx answers a folder without an index page with 403 (after a redirect adding its "/"): the folder's
+    # index is then looked for, as for any folder URL.
+    got = sst.load_file(nginx.url("sharded"))
+    expected = {}
+    for shard in sorted((root / "sharded").glob("*.safetensors")):
+        expected.update(safetensors.torch.load_file(str(shard)))
+    assert_same(got, expected)
