@@ -307,10 +307,11 @@ def cmd_digest(args: argparse.Namespace) -> int:
 
     sidecars = asyncio.run(_digest(args.url, _storage_options(args)))
     folder = Path(args.output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
     for url, text in sidecars:
         name = sidecar_location(url).name  # decoded: a name on disk, never a path that leaves --output-dir
         if "/" in name or "\\" in name:
-            raise ValueError(f"{url}: cannot name a sidecar file after it")
+            raise ConfigError(f"{url}: cannot name a sidecar file after it")
         target = folder / name
         target.write_text(text)
         print(f"{target}  (sha256 {json.loads(text)['sha256']} of {url})")

@@ -70,3 +70,9 @@ def test_every_subcommand_has_help_with_an_example(command: str, capsys: pytest.
         main([command, "--help"])
     assert exited.value.code == 0
     assert "example:" in capsys.readouterr().out
+
+
+def test_digest_creates_its_output_folder(http: RangeServer, tmp_path: Path) -> None:
+    target = tmp_path / "not" / "there" / "yet"
+    assert main(["digest", http.url("small.safetensors"), "--output-dir", str(target)]) == 0
+    assert (target / "small.safetensors.sha256.json").exists()
