@@ -29,11 +29,12 @@ import datetime
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from servers import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 AZURITE_DIR = REPO / "azurite"
@@ -51,13 +52,6 @@ API_VERSION = "2025-01-05"
 INSTALL_TIMEOUT_S = 600.0
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def azurite_available() -> tuple[bool, str]:
@@ -137,7 +131,7 @@ class Azurite:
             env.update(AZURITE_CERT=str(self.ca_file), AZURITE_KEY=str(key))
         last: subprocess.CompletedProcess[str] | None = None
         for _ in range(3):  # another process may take the free port before Azurite binds it
-            port = _free_port()
+            port = free_port()
             run_dir = Path(tempfile.mkdtemp(prefix=f"stream-st-azurite.{port}."))
             env["AZURITE_RUN_DIR"] = str(run_dir)
             try:

@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from servers import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 LOCALSTACK_DIR = REPO / "localstack"
 INSTALL_SH = LOCALSTACK_DIR / "install.sh"
@@ -48,13 +50,6 @@ CHECKPOINT_PREFIX = "checkpoints/"
 INSTALL_TIMEOUT_S = 900.0
 START_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 30.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _python_at_least_312(python: str) -> bool:
@@ -198,7 +193,7 @@ class S3Server:
             raise RuntimeError(f"localstack/install.sh failed ({install.returncode}):\n{_tail(install)}")
         last: subprocess.CompletedProcess[str] | None = None
         for _ in range(3):  # another process may take the free port before LocalStack binds it
-            port = _free_port()
+            port = free_port()
             run_dir = Path(tempfile.mkdtemp(prefix=f"stream-st-localstack.{port}."))
             env = dict(os.environ, LOCALSTACK_RUN_DIR=str(run_dir), LOCALSTACK_START_TIMEOUT="60")
             try:
