@@ -76,7 +76,7 @@ class RemoteFile:
         self,
         source: Source,
         header: Header,
-        prefix: bytes,
+        prefix: bytes | bytearray,
         engine: Engine,
         location: str = "",
         storage_options: Mapping[str, Any] | None = None,
@@ -121,7 +121,7 @@ class RemoteFile:
             )
             header_end = LENGTH_PREFIX + size
             prefix = await _extend(engine, source, probe.prefix, header_end)
-            header = parse_header(bytes(prefix[LENGTH_PREFIX:header_end]), url=source.url, file_size=probe.size)
+            header = parse_header(memoryview(prefix)[LENGTH_PREFIX:header_end], url=source.url, file_size=probe.size)
             if found is not None:
                 _check_same_version(found, source, prefix[:header_end])
             if not source.ranges:
@@ -401,7 +401,7 @@ class RemoteFile:
         self.source.close()
 
 
-def _check_same_version(found: held.HeldFile, source: Source, header_bytes: memoryview | bytes) -> None:
+def _check_same_version(found: held.HeldFile, source: Source, header_bytes: memoryview | bytes | bytearray) -> None:
     """A load taking a prefetch's bytes must see the very object the prefetch read."""
     same = source.size == found.size and bytes(header_bytes) == found.header_bytes
     if same and found.version is not None and source.version is not None:
@@ -440,7 +440,7 @@ async def read_whole_pinned(
                 "allows for an index, a digest sidecar or a config.json",
                 url=source.url,
             )
-        return await _extend(engine, source, probe.prefix, probe.size), source.pinned_url()
+        return bytes(await _extend(engine, source, probe.prefix, probe.size)), source.pinned_url()
     finally:
         source.close()
 
@@ -463,11 +463,13 @@ async def probed(
         raise
 
 
-async def _extend(engine: Engine, source: Source, prefix: bytes, end: int) -> bytes:
-    """``prefix`` grown to the object's first ``end`` bytes with one more ranged GET if it is shorter."""
+async def _extend(engine: Engine, source: Source, prefix: bytes, end: int) -> bytes | bytearray:
+    """``prefix`` grown to the object's first ``end`` bytes with one more ranged GET if it is shorter: one
+    buffer the rest lands in (a huge header is held once, not copied twice)."""
     if end <= len(prefix):
         return prefix
     logger.debug("%s: need %d bytes, the first GET brought %d; second GET", source.url, end, len(prefix))
-    rest = bytearray(end - len(prefix))
-    await engine.fetch(source, [Want("<prefix>", len(prefix), end)], lambda _: memoryview(rest))
-    return prefix + bytes(rest)
+    whole = bytearray(end)
+    whole[: len(prefix)] = prefix
+    await engine.fetch(source, [Want("<prefix>", len(prefix), end, len(prefix))], lambda _: memoryview(whole))
+    return whole
