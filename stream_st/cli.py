@@ -48,16 +48,10 @@ def _size(nbytes: float) -> str:
 
 
 def _storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    from .config import json_object
+
     raw = getattr(args, "storage_options", None)
-    if not raw:
-        return None
-    try:
-        options = json.loads(raw)
-    except ValueError as exc:
-        raise ConfigError(f"--storage-options is not JSON ({exc}); example: '{{\"anon\": true}}'") from None
-    if not isinstance(options, dict):
-        raise ConfigError(f"--storage-options must be a JSON object, got {type(options).__name__}")
-    return options
+    return json_object(raw, "--storage-options") if raw else None
 
 
 async def _open_all(url: str, storage_options: dict[str, Any] | None) -> list[Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -169,3 +170,15 @@ def resolve(config: Config | None, options: Mapping[str, Any]) -> Config:
     """The config of one call: ``options`` over ``config`` over the environment."""
     base = config if config is not None else Config.from_env()
     return base.replace(**options) if options else base
+
+
+def json_object(raw: str | bytes | bytearray, what: str) -> dict[str, Any]:
+    """``raw`` parsed as a JSON object (``--storage-options``, a ``config.json``); else a ConfigError
+    naming ``what`` (a display form, never a secret)."""
+    try:
+        document = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise ConfigError(f"{what}: not valid JSON ({str(exc)[:200]})") from None
+    if not isinstance(document, dict):
+        raise ConfigError(f"{what}: expected a JSON object, got {type(document).__name__}")
+    return document

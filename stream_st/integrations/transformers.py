@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import json
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -24,7 +23,7 @@ import torch
 from .._loop import run_sync
 from ..api import load_file
 from ..arguments import Device, to_device
-from ..config import Config, resolve
+from ..config import Config, json_object, resolve
 from ..errors import ConfigError
 from ..fetch import Engine
 from ..location import Location, redact
@@ -56,13 +55,7 @@ async def read_config_async(
         raw = await read_whole(config_location(url).url, engine, storage_options)
     finally:
         engine.close()
-    try:
-        document = json.loads(raw)
-    except ValueError as exc:
-        raise ConfigError(f"{config_location(url).shown}: not valid JSON ({exc})") from None
-    if not isinstance(document, dict):
-        raise ConfigError(f"{config_location(url).shown}: expected a JSON object")
-    return document
+    return json_object(raw, config_location(url).shown)
 
 
 def from_pretrained(

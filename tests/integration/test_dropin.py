@@ -236,7 +236,7 @@ def test_cli_misuse_is_named(http: RangeServer, capsys: pytest.CaptureFixture[st
     assert main(["load", "--verify", http.url("small.safetensors"), "--no-progress"]) == 1
     assert "small.safetensors: verify asked, but the source publishes no digest" in capsys.readouterr().err
     assert main(["load", http.url("small.safetensors"), "--storage-options", "{bad"]) == 1
-    assert "--storage-options is not JSON" in capsys.readouterr().err
+    assert "--storage-options: not valid JSON" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["load", http.url("small.safetensors"), "--dtype", "int8"])
     assert "invalid choice: 'int8'" in capsys.readouterr().err
