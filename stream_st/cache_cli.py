@@ -84,24 +84,24 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 def register(commands: Any) -> None:
     """Add the subcommands to ``stream-st``'s parser."""
-    download = commands.add_parser(
+    download = _subcommand(
+        commands,
         "download",
-        help="fill the local cache with a checkpoint ahead of time",
-        description="fill the local cache with a checkpoint ahead of time (its tensors are not kept in memory)",
-        epilog=f"example:\n  {_DOWNLOAD_EXAMPLE}",
-        formatter_class=argparse.RawTextHelpFormatter,
+        "fill the local cache with a checkpoint ahead of time",
+        "fill the local cache with a checkpoint ahead of time (its tensors are not kept in memory)",
+        _DOWNLOAD_EXAMPLE,
     )
     download.add_argument("url", help="a file, index.json, folder or repo: https://, s3://, gs://, hf://")
     download.add_argument("--select", action="append", help="name or glob of tensors to cache (repeatable)")
     download.add_argument("--cache-dir", help="default: STREAM_ST_CACHE_DIR, else ~/.cache/stream_st")
     download.add_argument("--storage-options", help="JSON passed to fsspec (credentials, endpoint)")
     download.set_defaults(run=cmd_download)
-    manage = commands.add_parser(
+    manage = _subcommand(
+        commands,
         "cache",
-        help="list, prune or remove local cache entries",
-        description="list, prune (LRU, to a size) or remove local cache entries",
-        epilog=f"example:\n  {_CACHE_EXAMPLE}",
-        formatter_class=argparse.RawTextHelpFormatter,
+        "list, prune or remove local cache entries",
+        "list, prune (LRU, to a size) or remove local cache entries",
+        _CACHE_EXAMPLE,
     )
     manage.add_argument("action", choices=["ls", "prune", "rm"])
     manage.add_argument("urls", nargs="*", help="rm: the URLs whose entries to remove")
@@ -109,3 +109,13 @@ def register(commands: Any) -> None:
     manage.add_argument("--max-bytes", type=int, help="prune: the size to evict down to")
     manage.add_argument("--cache-dir", help="default: STREAM_ST_CACHE_DIR, else ~/.cache/stream_st")
     manage.set_defaults(run=cmd_cache)
+
+
+def _subcommand(commands: Any, name: str, help_text: str, description: str, example: str) -> Any:
+    return commands.add_parser(
+        name,
+        help=help_text,
+        description=description,
+        epilog=f"example:\n  {example}",
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
