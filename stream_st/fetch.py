@@ -21,7 +21,7 @@ from .errors import FetchError, IncompleteReadError
 from .location import redact_text
 from .plan import Part, Want, plan_parts
 from .progress import Progress
-from .sources import ByteStream, Probe, Source, read_exactly
+from .sources import ByteStream, Probe, Source
 from .transport import TRANSIENT_ERRORS, ConnectionPool, RetryableStatusError
 
 if TYPE_CHECKING:  # torch is not imported for host loads and prefetches
@@ -291,25 +291,35 @@ class _PartReader:
         return Position(str(piece.key), self.part.start, self.part.end, self.position)
 
     def read(self, stream: ByteStream, *, url: str) -> None:
+        """Read until the part's end; ``position`` follows every byte that lands, so a body that ends early
+        is resumed from its first missing byte, not from the start of the chunk it was reading."""
         for piece in self.part.pieces:
             if piece.end <= self.position:
                 continue
             while self.position < piece.start:  # gap bytes between coalesced pieces: read and drop
                 gap = self._scratch[: min(len(self._scratch), piece.start - self.position)]
-                read_exactly(stream, gap, url=url, start=self.position)
-                self.position += len(gap)
+                self._landed(stream.readinto(gap), url)
             target = self._destination(piece.key)
-            begin = piece.dest_offset + self.position - piece.start
             stop = piece.dest_offset + piece.size
-            while begin < stop:
+            while self.position < piece.end:
                 if self.cancelled.is_set():
                     raise LoadCancelledError()
-                chunk = target[begin : min(stop, begin + _CHUNK)]
-                read_exactly(stream, chunk, url=url, start=self.position)
-                begin += len(chunk)
-                self.position += len(chunk)
+                begin = piece.dest_offset + self.position - piece.start
+                got = stream.readinto(target[begin : min(stop, begin + _CHUNK)])
+                self._landed(got, url)
                 if self._progress is not None:
-                    self._progress.advance(len(chunk))
+                    self._progress.advance(got)
+
+    def _landed(self, got: int, url: str) -> None:
+        if not got:
+            raise IncompleteReadError(
+                f"{url}: body ended at byte {self.position}, before the end of bytes "
+                f"{self.part.start}-{self.part.end - 1}",
+                url=url,
+                start=self.position,
+                end=self.part.end,
+            )
+        self.position += got
 
 
 async def _reap(pending: set[asyncio.Future[None]], when: str) -> set[asyncio.Future[None]]:

@@ -339,7 +339,7 @@ class FsspecSource(Source):
                 start=start,
                 end=end,
             )
-        return _BytesRange(data)  # a short answer surfaces as IncompleteReadError in read_exactly
+        return _BytesRange(data)  # a short answer surfaces as IncompleteReadError where the part is read
 
 
 def open_source(
