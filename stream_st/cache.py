@@ -326,6 +326,7 @@ class Entry:
                 self.direct = None
         self._have: list[tuple[int, int]] = []
         self._map_size = -1
+        self._mapping: Any = None  # mapping.map_file of ``data``, made on first use
         self._mutex = threading.Lock()
         self.wrote = False
         self.unsynced = False
@@ -363,6 +364,19 @@ class Entry:
         self.refresh()
         with self._mutex:
             return _segments(self._have, start, end)
+
+    def mapped(self, start: int, end: int) -> Any | None:
+        """The data file mapped copy-on-write (made once), if bytes [start, end) are all in it. Safe to
+        hand out as tensor memory: a recorded range is never rewritten, and replacing or evicting an entry
+        only unlinks its files, which leaves existing maps intact."""
+        with self._mutex:  # the ranges known since the probe: a range another process adds later is read
+            if _segments(self._have, start, end) != [(start, end, True)]:
+                return None
+            if self._mapping is None:
+                from .mapping import map_file
+
+                self._mapping = map_file(self.data, self.size)
+            return self._mapping
 
     def cached_prefix(self, length: int) -> bytes:
         """The object's first bytes, up to ``length``, as far as the cache holds them contiguously."""
@@ -726,6 +740,11 @@ class CachingSource(Source):
             shown = ", ".join(repr(n) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
             return f"tensor(s) {shown} are"
         return "bytes " + ", ".join(f"{a}-{b - 1}" for a, b in missing[:5]) + " are"
+
+    def mapped(self, start: int, end: int) -> Any | None:
+        if self.local is not None:
+            return self.local.mapped(start, end)
+        return self.entry.mapped(start, end) if self.entry is not None else None
 
     def published_digest(self) -> Digest | None:
         return self.inner.published_digest() if self.inner is not None else None

@@ -34,7 +34,7 @@ from .integrity import (
 from .location import redact
 from .plan import Want
 from .regions import Region
-from .sources import Probe, Source, open_source
+from .sources import LocalSource, Probe, Source, open_source
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: opening a file and reading headers need none
     import torch
@@ -161,6 +161,9 @@ class RemoteFile:
         staged = device is not None and (device.type != "cpu" or self.stage_cpu_loads) and self.source.ranges
         landing = device if staged else None
         outputs = await self._take_prefetched([name for name, region in requested if region is None], landing, into)
+        if landing is None:
+            unsliced = [name for name, region in requested if region is None and name not in outputs]
+            outputs.update(await self.engine.run(self._take_mapped, unsliced, into))
         prefetched = [(self.header.tensors[name].start, self.header.tensors[name].end) for name in outputs]
         wants = self._allocate(requested, landing, into, outputs)
         memories = _hashable_memories(outputs, staged) if verify else {}
@@ -273,6 +276,25 @@ class RemoteFile:
             outputs[name] = output_tensor(info, info.shape, url=self.url, buffer=memory)
             if self.engine.progress is not None:
                 self.engine.progress.advance(result.nbytes)
+        return outputs
+
+    def _take_mapped(self, names: list[str], into: Mapping[str, torch.Tensor] | None) -> dict[str, OutputTensor]:
+        """Host outputs over a copy-on-write map of the local file that already holds their bytes (a complete
+        cache range, or a local path with ``memory_map="all"``): nothing to read or copy (mapping.py)."""
+        import torch
+
+        from .sinks import output_tensor
+
+        mode = self.engine.config.memory_map
+        if mode == "never" or (mode == "cache" and isinstance(self.source, LocalSource)):
+            return {}
+        outputs: dict[str, OutputTensor] = {}
+        for name in names:
+            info = self.header.tensors[name]
+            memory = self.source.mapped(info.start, info.end) if info.nbytes and name not in (into or {}) else None
+            if memory is not None:
+                buffer = torch.frombuffer(memory, dtype=torch.uint8, count=info.nbytes, offset=info.start)
+                outputs[name] = output_tensor(info, info.shape, url=self.url, buffer=buffer)
         return outputs
 
     async def verify_loaded(self, verify: VerifyOption, outputs: Mapping[str, OutputTensor]) -> None:

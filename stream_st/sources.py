@@ -73,6 +73,11 @@ class Source(ABC):
     def check_unchanged(self) -> None:  # noqa: B027 - optional hook; most sources check on every request
         """Raise ObjectChangedError if the object is known to have changed since ``probe``."""
 
+    def mapped(self, start: int, end: int) -> Any | None:
+        """After ``probe``: a copy-on-write map of a local file holding the object's bytes at their own
+        offsets, if bytes [start, end) are all in it (mapping.py); else None (read them)."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release what the source holds (file descriptors)."""
 
@@ -225,6 +230,7 @@ class LocalSource(Source):
         self.path = where.local_path or url
         self._fd: int | None = None
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) the probe saw
+        self._mapping: Any = None  # mapping.map_file of the whole file, made on first use
 
     def _reopen(self) -> int:
         """Open the path without blocking (a FIFO would wait for a writer), check it is a regular file
@@ -261,6 +267,18 @@ class LocalSource(Source):
     def open_range(self, start: int, end: int) -> _FileRange:
         assert self._identity is not None, "probe() first"
         return _FileRange(self, _open_files.use(self), start, end)
+
+    def mapped(self, start: int, end: int) -> Any | None:
+        assert self._identity is not None, "probe() first"
+        if self._mapping is None and self.size:
+            from .mapping import map_file
+
+            fd = _open_files.use(self)  # the descriptor of the probed inode (a reopen checks it)
+            try:
+                self._mapping = map_file(fd, self.size)
+            finally:
+                _open_files.done(self)
+        return self._mapping
 
     def check_unchanged(self) -> None:
         fd = _open_files.use(self)

@@ -17,7 +17,7 @@ import safetensors.torch
 import torch
 
 import stream_st as sst
-from checkpoints import assert_same, layered_state, write
+from checkpoints import assert_same, layered_state, mapping_of, write
 from servers import RangeServer
 from stream_st import cache, gpu
 from stream_st.errors import NotCachedError
@@ -78,10 +78,12 @@ def test_second_load_transfers_no_weight_bytes(http: RangeServer, root: Path, tm
     assert entry.cached == entry.size == (root / NAME).stat().st_size
 
 
-def test_cached_load_is_as_fast_as_a_local_file_reads_with_preadv(
-    http: RangeServer, root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    load(http.url(NAME), tmp_path)
+def data_file(cache_dir: Path) -> str:
+    (entry,) = cache.Store(cache_dir).entries()
+    return str(cache_dir / "entries" / entry.key / "data")
+
+
+def counting_preadv(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     real = os.preadv
 
@@ -90,9 +92,65 @@ def test_cached_load_is_as_fast_as_a_local_file_reads_with_preadv(
         return real(fd, buffers, offset)
 
     monkeypatch.setattr(os, "preadv", counting)
+    return calls
+
+
+def test_a_cached_load_maps_the_cache_file_and_reads_nothing(
+    http: RangeServer, root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    load(http.url(NAME), tmp_path)
+    calls = counting_preadv(monkeypatch)
+    got = load(http.url(NAME), tmp_path)
+    assert_same(got, reference(root))
+    assert calls == []  # no byte copied: the tensors are the cache file's pages, as safetensors' are its file's
+    assert {mapping_of(t) for t in got.values() if t.numel()} == {data_file(tmp_path)}
+
+
+def test_a_cached_load_without_maps_reads_with_preadv(
+    http: RangeServer, root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    load(http.url(NAME), tmp_path)
+    calls = counting_preadv(monkeypatch)
+    for how in ({"memory_map": "never"}, {"backend": "pread"}):
+        calls.clear()
+        got = load(http.url(NAME), tmp_path, **how)
+        assert_same(got, reference(root))
+        prefix = 256 * 1024  # header_prefetch: the first bytes come with the header, as from the network
+        assert sum(calls) == (root / NAME).stat().st_size - prefix  # every other byte straight into its tensor
+        assert {mapping_of(t) for t in got.values() if t.numel()} == {None}
+
+
+def test_writes_to_mapped_tensors_stay_in_the_process(http: RangeServer, root: Path, tmp_path: Path) -> None:
+    load(http.url(NAME), tmp_path)
+    got = load(http.url(NAME), tmp_path)
+    for tensor in got.values():
+        tensor.view(torch.uint8).fill_(0xAB) if tensor.numel() else None
+    assert_same(load(http.url(NAME), tmp_path), reference(root))  # the cache file was not written through
+    http.reset()
+    assert_same(load(http.url(NAME), tmp_path, memory_map="never"), reference(root))
+    assert ranges(http) == [(0, SMALL_PROBE)]
+
+
+def test_mapped_tensors_outlive_their_entry(http: RangeServer, root: Path, tmp_path: Path) -> None:
+    load(http.url(NAME), tmp_path)
+    got = load(http.url(NAME), tmp_path)
+    (entry,) = cache.Store(tmp_path).entries()
+    assert cache.Store(tmp_path).remove([entry.key]) == 1  # stream-st cache rm, or eviction: files unlinked
+    assert_same(got, reference(root))
+    http.reset()
     assert_same(load(http.url(NAME), tmp_path), reference(root))
-    prefix = 256 * 1024  # header_prefetch: the first bytes come with the header, as from the network
-    assert sum(calls) == (root / NAME).stat().st_size - prefix  # every other byte straight into its tensor
+    assert sent(http) == (root / NAME).stat().st_size  # a new entry, fetched again
+
+
+def test_a_partly_cached_load_maps_what_is_cached_and_fetches_the_rest(
+    http: RangeServer, root: Path, tmp_path: Path
+) -> None:
+    url = http.url(NAME)
+    load(url, tmp_path, tensors="model.layers.1.*", max_gap=0, header_prefetch=8)
+    got = load(url, tmp_path)
+    assert_same(got, reference(root))
+    where = {name: mapping_of(t) for name, t in got.items() if t.numel()}
+    assert {name for name, path in where.items() if path} == {n for n in where if n.startswith("model.layers.1.")}
 
 
 def test_partial_then_full_fetches_only_the_rest(http: RangeServer, root: Path, tmp_path: Path, writes: str) -> None:
