@@ -271,25 +271,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 async def _digest(url: str, storage_options: dict[str, Any] | None) -> list[tuple[str, str]]:
-    """Stream each file of the checkpoint once; return (file URL, sidecar JSON) pairs."""
-    import hashlib
-
+    """Stream each file of the checkpoint once; return (file URL, sidecar JSON) pairs, hashed by the code
+    that checks them (``Sidecar.of_file``), so that what this writes is what ``verify=`` expects."""
     from .api import open_files
     from .config import Config
-    from .integrity import Sidecar
-    from .sinks import writable_view
+    from .integrity import Memory, Sidecar
 
     sidecars = []
     async with open_files(url, Config.from_env(), storage_options) as checkpoint:
         for file in await checkpoint.files(checkpoint.shards):
-            hosts = await file.load((name, None) for name in file.header.offset_keys())
-            whole = hashlib.sha256(file.header_bytes())
-            tensors = {}
-            for name in file.header.offset_keys():
-                view = writable_view(hosts.pop(name).buffer)
-                whole.update(view)
-                tensors[name] = hashlib.sha256(view).hexdigest()
-            sidecar = Sidecar(whole.hexdigest(), file.header.file_size, tensors)
+            header = file.header
+            outputs = await file.load((name, None) for name in header.offset_keys())
+            views = {name: out.view() for name, out in outputs.items()}
+            segments: list[tuple[int, int, Memory]] = [(0, header.data_start, file.header_bytes())]
+            segments += [(t.start, t.end, views[t.name]) for t in header if t.nbytes]
+            tensors = [(name, header.tensors[name].nbytes, views[name]) for name in header.offset_keys()]
+            sidecar = Sidecar.of_file(file.url, header.file_size, segments, tensors)
+            del outputs, views, segments, tensors  # before the next file lands
             sidecars.append((file.url, sidecar.dumps()))
     return sidecars
 
