@@ -144,15 +144,6 @@ def test_bench_raw_read_makes_the_requests_of_a_load(
     assert sharded[1] == sum(p.stat().st_size for p in (root / "sharded").iterdir())  # and the index
 
 
-def test_bench_says_when_the_server_ignores_ranges(http: RangeServer, capsys: pytest.CaptureFixture[str]) -> None:
-    from stream_st.errors import RangeIgnoredWarning
-
-    http.quirks.ignore_range = True
-    with pytest.warns(RangeIgnoredWarning):  # the raw read's header read, then load_file's
-        assert main(["bench", "--repeats", "1", http.url("layered.safetensors")]) == 0
-    assert "the server ignores Range requests" in capsys.readouterr().out
-
-
 def test_bench_help_says_what_each_number_counts(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
