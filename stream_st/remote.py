@@ -32,9 +32,10 @@ from .integrity import (
     sidecar_location,
 )
 from .location import redact
+from .opening import open_source
 from .plan import Want
 from .regions import Region
-from .sources import LocalSource, Probe, Source, open_source
+from .sources import LocalSource, Probe, Source
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: opening a file and reading headers need none
     import torch
@@ -226,7 +227,8 @@ class RemoteFile:
             given = (into or {}).get(name)
             if given is not None and given.device != (device or torch.device("cpu")):
                 given = None  # e.g. a server without ranges: the bytes land in host memory first
-            out = output_tensor(info, shape, url=self.url, device=device, buffer=given)
+            aligned = info.start if region is None and self.source.aligned_destinations else None
+            out = output_tensor(info, shape, url=self.url, device=device, buffer=given, aligned_with=aligned)
             outputs[name] = out
             spans = region.spans(info) if region else [(info.start, info.end, 0)]
             for start, end, offset in spans:

@@ -48,6 +48,9 @@ class Source(ABC):
     size: int | None = None
     version: str | None = None
     ranges: bool = True
+    # Whether host destinations should be block-aligned like the object (a cache entry being written: its
+    # whole blocks then go to disk straight from them).
+    aligned_destinations = False
     # Whether every machine reading this URL sees the same version string (an ETag, a generation); not
     # for local paths, whose inode and mtime differ between copies of one file on different nodes.
     version_is_global = True
@@ -358,31 +361,3 @@ class FsspecSource(Source):
                 end=end,
             )
         return _BytesRange(data)  # a short answer surfaces as IncompleteReadError where the part is read
-
-
-def open_source(
-    url: str, pool: ConnectionPool, storage_options: Mapping[str, Any] | None = None, *, direct: bool = True
-) -> Source:
-    """The source for ``url``: http(s), s3, gs and hf on the threaded data plane (``direct``), local files
-    by path, anything else through fsspec's ``cat_file``."""
-    options = dict(storage_options or {})
-    scheme = Location.parse(url).scheme
-    if scheme in ("http", "https"):
-        if direct and ".blob." in url.split("/", 3)[2]:  # https://ACCOUNT.blob.core.windows.net/...: signed
-            from .cloud import cloud_source
-
-            azure = cloud_source(url, scheme, options, pool)
-            if azure is not None:
-                return azure
-        headers = dict(options.get("headers") or {})
-        headers.update((options.get("client_kwargs") or {}).get("headers") or {})
-        return HttpSource(url, pool, headers)
-    if scheme in ("", "file", "local"):
-        return LocalSource(url[len("local://") :] if scheme == "local" else url)
-    if direct:
-        from .cloud import cloud_source
-
-        source = cloud_source(url, scheme, options, pool)
-        if source is not None:
-            return source
-    return FsspecSource(url, options)

@@ -4,6 +4,7 @@ offline mode, the LRU cap, huggingface_hub's cache, and the CLI, against the rea
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import signal
 import subprocess
@@ -280,8 +281,11 @@ def test_options_come_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_
         sst.Config(cache_max_bytes=0)
 
 
+@pytest.mark.parametrize("memory", ["unaligned", "aligned like the file"])
 @pytest.mark.parametrize("direct", [True, False])
-def test_unaligned_writes_land_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool) -> None:
+def test_unaligned_writes_land_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool, memory: str
+) -> None:
     monkeypatch.setattr(cache, "_DIRECT", direct)
     size = 5 * 4096 + 123
     data = os.urandom(size)
@@ -290,15 +294,73 @@ def test_unaligned_writes_land_exactly(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr(cache, "_WRITE_NOW_BELOW", 0)  # even these small writes take the O_DIRECT path
     monkeypatch.setattr(cache, "_BOUNCE", 2 * 4096)  # several windows per write
     monkeypatch.setattr(cache, "_threads", ProcessCache())  # a writer with those small buffers
+    copied = copies(monkeypatch)
+    source = memoryview(data)  # read-only bytes: copied into the aligned buffers
+    if memory != "unaligned":
+        source = memoryview(mmap.mmap(-1, size))  # page-aligned: offset n of the file sits at address ≡ n
+        source[:] = data
     cuts = [0, 1, 4095, 4097, 3 * 4096, 3 * 4096 + 5, 5 * 4096 + 1, size]
+    pending = cache._Pending()
     for a, b in zip(cuts, cuts[1:]):
-        entry.record(cache._background()[0].write(entry, a, memoryview(data)[a:b]))
+        entry.record(cache._background()[0].write(entry, a, source[a:b], pending))
+    pending.wait()
     entry.settle()
+    assert (sum(copied) == 0) == (memory != "unaligned" or not direct)
     assert entry.segments(0, size) == [(0, size, True)]
     assert (entry.direct is not None) == direct
     with open(tmp_path / "entries" / "k" / "data", "rb") as f:
         assert f.read(size) == data
     entry.close()
+
+
+def copies(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Bytes the cache writer copies into its aligned buffers."""
+    copied: list[int] = []
+    real = cache._copy
+
+    def counting(target: memoryview, source: memoryview) -> None:
+        copied.append(len(source))
+        real(target, source)
+
+    monkeypatch.setattr(cache, "_copy", counting)
+    return copied
+
+
+def test_a_load_writing_the_cache_writes_large_tensors_from_their_own_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "served"
+    folder.mkdir()
+    state = {"a.odd": torch.arange(7, dtype=torch.uint8)}  # shifts every later tensor off block boundaries
+    state |= {f"big.{i}": torch.randn(1 + i, 700_001, dtype=torch.float32) for i in range(3)}
+    state["z.small"] = torch.randn(5, dtype=torch.bfloat16)
+    write(folder / NAME, state)
+    data_start, header = safetensors_header(folder / NAME)
+    assert all((data_start + header[f"big.{i}"]["data_offsets"][0]) % 4096 for i in range(3))
+    probe = os.open(folder / NAME, os.O_RDONLY | getattr(os, "O_DIRECT", 0))  # tmpfs refuses O_DIRECT
+    os.close(probe)
+    server = RangeServer(folder)
+    try:
+        copied = copies(monkeypatch)
+        got = sst.load_file(server.url(NAME), cache_dir=str(tmp_path / "c"), progress=False)
+        assert_same(got, state)
+        assert sum(copied) < 3 * 4096  # every whole block of the big tensors went to disk from their own memory
+        monkeypatch.setattr(sst.sinks, "ALIGN_FROM", 1 << 40)  # outputs placed anywhere: the blocks are copied
+        got = sst.load_file(server.url(NAME), cache_dir=str(tmp_path / "d"), progress=False)
+        assert_same(got, state)
+        assert sum(copied) > 6 * 700_000
+        server.reset()
+        again = sst.load_file(server.url(NAME), cache_dir=str(tmp_path / "c"), progress=False)
+        assert_same(again, state)  # from the cache file, mapped
+        assert ranges(server) == [(0, SMALL_PROBE)]
+    finally:
+        server.stop()
+
+
+def safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
+    raw = path.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    return 8 + length, json.loads(raw[8 : 8 + length])
 
 
 def test_one_load_at_a_time_writes_an_entry(tmp_path: Path) -> None:
@@ -361,19 +423,26 @@ def test_two_processes_loading_at_once_both_get_correct_tensors(http: RangeServe
     assert ranges(http) == [(0, SMALL_PROBE)]
 
 
-def test_a_process_that_exits_right_after_its_load_leaves_a_complete_entry(own: RangeServer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("memory", ["aligned buffers", "the tensors' own"])
+def test_a_process_that_exits_right_after_its_load_leaves_a_complete_entry(
+    own: RangeServer, tmp_path: Path, memory: str
+) -> None:
     write(own.root / "big.safetensors", {"w": torch.arange(3 << 20, dtype=torch.float32)})  # 12 MiB: O_DIRECT path
+    bounce = memory == "aligned buffers"
     code = (
         "import os, sys, threading, time, torch, stream_st as sst\n"
-        "from stream_st import cache\n"
-        "pwrite = os.pwrite\n"
+        "from stream_st import cache, sinks\n"
+        + ("sinks.ALIGN_FROM = 1 << 40  # outputs anywhere: blocks go through the aligned buffers\n" if bounce else "")
+        + "pwrite = os.pwrite\n"
         "def slow(fd, data, at):  # the disk is slow: writes are still queued when the load returns\n"
         "    if threading.current_thread().name.startswith('stream_st-cache'):\n"
         "        time.sleep(2)\n"
         "    return pwrite(fd, data, at)\n"
         "os.pwrite = slow\n"
         "sst.load_file(sys.argv[1], cache_dir=sys.argv[2], progress=False)\n"
-        "assert cache._background()[0]._queued, 'nothing was left to wait for'\n"
+        # from aligned buffers, writes are still queued when the load returns; from the tensors' own memory, the
+        # load waits for them (the caller may change its tensors at once)
+         + f"assert bool(cache._background()[0]._queued) == {bounce}\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     ran = subprocess.run([sys.executable, "-c", code, own.url("big.safetensors"), str(tmp_path)], env=env, timeout=120)
