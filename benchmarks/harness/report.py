@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import BENCH, REPO
-from harness.process import GNU_TIME, python
+from harness.process import GNU_TIME
 
 
 def loadavg() -> str:
@@ -72,11 +72,12 @@ print(json.dumps(out))
 """
 
 
-def versions(env: Mapping[str, str], cwd: Path, dists: Sequence[str] = ()) -> dict[str, Any]:
+def versions(
+    env: Mapping[str, str], cwd: Path, dists: Sequence[str] = (), interpreter: str = sys.executable
+) -> dict[str, Any]:
     """Versions of ``dists`` and stream_st's origin and defaults, read in a child as the contenders see them."""
-    done = subprocess.run(
-        python(PROBE, "torch", "safetensors", *dists), env=dict(env), cwd=cwd, capture_output=True, text=True
-    )
+    argv = [interpreter, "-c", PROBE, "torch", "safetensors", *dists]
+    done = subprocess.run(argv, env=dict(env), cwd=cwd, capture_output=True, text=True)
     found: dict[str, Any] = json.loads(done.stdout) if done.returncode == 0 else {"probe": done.stderr[-500:]}
     return found
 
