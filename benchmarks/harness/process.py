@@ -67,41 +67,33 @@ def run_together(
     argvs: Sequence[Sequence[str]], env: Mapping[str, str], cwd: str | os.PathLike[str], timeout_s: float = TIMEOUT_S
 ) -> tuple[float, list[Run]]:
     """Start every ``argv`` at once; the wall time until the last one exits, and each one's ``Run``."""
-    runs: list[Run | None] = [None] * len(argvs)
-    with contextlib.ExitStack() as stack:
-        files = [
-            (stack.enter_context(tempfile.TemporaryFile()), stack.enter_context(tempfile.NamedTemporaryFile("r")))
-            for _ in argvs
-        ]
-        started = time.perf_counter()
-        waiters = [
-            threading.Thread(target=_run, args=(i, list(argv), env, cwd, timeout_s, out, rss, started, runs))
-            for i, (argv, (out, rss)) in enumerate(zip(argvs, files))
-        ]
-        for waiter in waiters:
-            waiter.start()
-        for waiter in waiters:
-            waiter.join()
-        wall = time.perf_counter() - started
-    return wall, [run for run in runs if run is not None]
+    runs: list[Run] = [Run(0.0, 0.0, -1, "not run")] * len(argvs)
+
+    def wait(i: int) -> None:
+        with tempfile.TemporaryFile() as out, tempfile.NamedTemporaryFile("r") as rss:
+            try:
+                runs[i] = _run(list(argvs[i]), env, cwd, timeout_s, out, rss)
+            except OSError as e:  # the program is missing, or cannot run
+                runs[i] = Run(0.0, 0.0, 127, f"{argvs[i][0]}: {e}")
+
+    started = time.perf_counter()
+    waiters = [threading.Thread(target=wait, args=(i,)) for i in range(len(argvs))]
+    for waiter in waiters:
+        waiter.start()
+    for waiter in waiters:
+        waiter.join()
+    return time.perf_counter() - started, runs
 
 
 def _run(
-    i: int,
-    argv: list[str],
-    env: Mapping[str, str],
-    cwd: str | os.PathLike[str],
-    timeout_s: float,
-    out: Any,
-    rss_file: Any,
-    started: float,
-    runs: list[Run | None],
-) -> None:
+    argv: list[str], env: Mapping[str, str], cwd: str | os.PathLike[str], timeout_s: float, out: Any, rss: Any
+) -> Run:
     if GNU_TIME:
         # Linux reports a fork+exec'd child's ru_maxrss as at least the parent's RSS at fork time, so our own
         # wait4 would over-report; GNU time is a tiny parent whose wait4 gives the true peak (~1 ms per run,
         # the same for every contender).
-        argv = [GNU_TIME, "-f", "%M", "-o", rss_file.name, *argv]
+        argv = [GNU_TIME, "-f", "%M", "-o", rss.name, *argv]
+    started = time.perf_counter()
     # Its own process group, so that a hung run is killed with everything it started (GNU time included).
     process = subprocess.Popen(
         argv, stdout=out, stderr=subprocess.STDOUT, env=dict(env), cwd=cwd, start_new_session=True
@@ -115,22 +107,20 @@ def _run(
 
     watchdog = threading.Timer(timeout_s, kill)
     watchdog.start()
-    _, status, usage = os.wait4(process.pid, 0)
+    _, status, usage = os.wait4(process.pid, 0)  # as subprocess waits, plus the rusage
     wall = time.perf_counter() - started
     watchdog.cancel()
     process.returncode = os.waitstatus_to_exitcode(status)
     out.seek(0)
-    text = out.read().decode(errors="replace")
+    lines = out.read().decode(errors="replace").strip().splitlines()
     # With GNU time its last line is the peak in KiB (a line before it says if the command failed).
-    rss_lines = rss_file.read().split() if GNU_TIME else []
+    rss_lines = rss.read().split() if GNU_TIME else []
     rss_kib = int(rss_lines[-1]) if rss_lines and rss_lines[-1].isdigit() else usage.ru_maxrss
-    result = next(
-        (json.loads(line[len(RESULT) :]) for line in reversed(text.splitlines()) if line.startswith(RESULT)), None
-    )
-    lines = [line for line in text.strip().splitlines() if not line.startswith(RESULT)]
+    result = next((json.loads(line[len(RESULT) :]) for line in reversed(lines) if line.startswith(RESULT)), None)
+    lines = [line for line in lines if not line.startswith(RESULT)]
     if timed_out.is_set():
         lines.append(f"killed: still running after {timeout_s:.0f} s")
-    runs[i] = Run(wall, rss_kib / 1024, process.returncode, "\n".join(lines[-15:]), result)
+    return Run(wall, rss_kib / 1024, process.returncode, "\n".join(lines[-15:]), result)
 
 
 def child_env(code: Path = REPO, extra: Mapping[str, str] | None = None) -> dict[str, str]:

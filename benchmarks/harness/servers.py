@@ -258,25 +258,23 @@ def _said_ready(p: subprocess.Popen[str], deadline: float) -> bool:
     return bool(ready) and p.stdout.readline().strip() == "ready"
 
 
-@contextlib.contextmanager
-def localstack(bucket_prefix: str = "stream-st-bench") -> Iterator[Any]:
-    """Our own LocalStack (never an external endpoint) as a started tests/s3_server.py ``S3Server``."""
+def localstack(bucket_prefix: str = "stream-st-bench") -> Any:
+    """Our own LocalStack (never an external endpoint): a tests/s3_server.py ``S3Server``, started by ``with``."""
     import s3_server
 
     os.environ.pop(s3_server.ENDPOINT_ENV, None)
     ok, why = s3_server.localstack_available()
     if not ok:
         raise RuntimeError(f"LocalStack not available: {why}")
-    server = s3_server.S3Server(bucket_prefix=bucket_prefix)
-    server.key = server.secret = "test"
+    return _s3_client_side(s3_server.S3Server(bucket_prefix=bucket_prefix), "test")
+
+
+def _s3_client_side(server: Any, key: str) -> Any:
+    server.key = server.secret = key
     server.token = None
     server.region = "us-east-1"
     server.addressing_style = "path"
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    return server
 
 
 def ensure_s3rver(out: Path) -> str:
@@ -309,11 +307,7 @@ def s3rver(out: Path, bucket_prefix: str = "stream-st-bench") -> Iterator[Any]:
     exe = ensure_s3rver(out)
     data = Path(tempfile.mkdtemp(prefix="s3rver.", dir=out))
     log_path = data / "s3rver.log"
-    server = S3Server(bucket_prefix=bucket_prefix)
-    server.key = server.secret = "S3RVER"
-    server.token = None
-    server.region = "us-east-1"
-    server.addressing_style = "path"
+    server = _s3_client_side(S3Server(bucket_prefix=bucket_prefix), "S3RVER")
     port = free_port()
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
@@ -360,46 +354,29 @@ def s3rver(out: Path, bucket_prefix: str = "stream-st-bench") -> Iterator[Any]:
         shutil.rmtree(data, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def gcs() -> Iterator[Any]:
-    """gcp-storage-emulator (in memory) as a started tests/gcs_server.py ``GcsEmulator``."""
+def gcs() -> Any:
+    """gcp-storage-emulator (in memory): a tests/gcs_server.py ``GcsEmulator``, started by ``with``."""
     from gcs_server import ENDPOINT_ENV, GcsEmulator, find_emulator
 
     os.environ.pop(ENDPOINT_ENV, None)
     if find_emulator() is None:
         raise RuntimeError("gcp-storage-emulator is not installed (pip install gcp-storage-emulator)")
-    emulator = GcsEmulator()
-    emulator.start()
-    try:
-        yield emulator
-    finally:
-        emulator.stop()
+    return GcsEmulator()
 
 
-@contextlib.contextmanager
-def hub(root: Path) -> Iterator[Any]:
+def hub(root: Path) -> Any:
     """The Hub-compatible server of tests/hub_server.py (in this process, on its own thread), LFS files
-    redirected to its CDN as the real Hub does; repositories under ``root``."""
+    redirected to its CDN as the real Hub does; repositories under ``root``; stopped by ``with``."""
     from hub_server import HubServer
 
-    server = HubServer(root, redirect="lfs")
-    try:
-        yield server
-    finally:
-        server.stop()
+    return HubServer(root, redirect="lfs")
 
 
-@contextlib.contextmanager
-def azurite() -> Iterator[Any]:
-    """Azurite's Blob service (plain http, on disk) as a started tests/azure_server.py ``Azurite``."""
+def azurite() -> Any:
+    """Azurite's Blob service (plain http, on disk): a tests/azure_server.py ``Azurite``, started by ``with``."""
     import azure_server
 
-    server = azure_server.Azurite()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    return azure_server.Azurite()
 
 
 def azurite_version() -> str:
