@@ -374,8 +374,8 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
     return report.table(header, cells, "lrrrrrl")
 
 
-def _vs(rows: list[dict[str, Any]], a: str, b: str, label: str, note: str) -> list[str]:
-    x, y = report.get_row(rows, a), report.get_row(rows, b)
+def _vs(rows: list[dict[str, Any]], key: str, other: str, label: str, note: str) -> list[str]:
+    x, y = report.get_row(rows, key), report.get_row(rows, other)
     if not (x and y):
         return []
     a, b = x["median_s"], y["median_s"]

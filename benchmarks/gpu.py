@@ -151,7 +151,12 @@ def gpu_main(a: argparse.Namespace) -> int:
                 lines, errors, stats = gpu_report.gpu_report(a, probe, ckpt, check, runs, done, timeline)
                 data = {
                     "probe": probe,
-                    "checkpoint": str(ckpt.path),
+                    "checkpoint": {
+                        "path": str(ckpt.path),
+                        "bytes": ckpt.file_bytes,
+                        "tensors": len(ckpt.spans),
+                        "hidden": ckpt.hidden,
+                    },
                     "check": check,
                     "timeline": timeline,
                     "runs": runs,

@@ -169,7 +169,7 @@ def _fill(job: tuple[str, int, int, int]) -> None:
 
     path, offset, length, seed = job
     words = np.random.Generator(np.random.SFC64(seed)).bit_generator.random_raw(-(-length // 8))
-    data = memoryview(words.view(np.uint8))[:length]
+    data = memoryview(words.view(np.uint8).data)[:length]
     fd = os.open(path, os.O_WRONLY)
     try:
         done = 0

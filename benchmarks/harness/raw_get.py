@@ -25,7 +25,7 @@ def main(argv: list[str]) -> None:
     target = u.path + ("?" + u.query if u.query else "")
     parts = iter([(s, min(s + part, size)) for s in range(0, size, part)])
     lock = threading.Lock()
-    done, errors = [0] * threads, []
+    done, errors = [0] * threads, list[BaseException]()
 
     def worker(i: int) -> None:
         conn = http.client.HTTPConnection(u.hostname or "127.0.0.1", u.port or 80, timeout=120)
