@@ -1,9 +1,9 @@
-"""Whole-process benchmark of the local cache (cache_dir=) on the 1 GiB checkpoint served by nginx.
+"""Whole-process benchmark of the local cache (cache_dir=) on the checkpoint served by nginx.
 
-    .venv/bin/python benchmarks/cache.py [--size-gib 1.0] [--repeats 5] [--out benchmarks/out]
+    .venv/bin/python benchmarks/cache.py [--size-gib 1.0] [--repeats 5] [--out benchmarks/out] [--only KEY ...]
 
-Contenders, each a fresh process, the order rotated every round, ``sync`` (outside the timing) before every
-run so that no run pays for the previous one's dirty pages:
+Contenders, each checked once untimed and then timed in rotated rounds as fresh processes (harness/rounds.py),
+with ``sync`` (outside the timing) before every run so that no run pays for the previous one's dirty pages:
 
 * ``safetensors_local``: ``safetensors.torch.load_file`` of the same file on local disk (page cache warm);
 * ``safetensors_local_touched``: the same, then one byte of every page read: ``load_file`` maps the file
@@ -15,117 +15,108 @@ run so that no run pays for the previous one's dirty pages:
 * ``stream_st_writing``: ``stream_st.load_file(url, cache_dir=...)`` into an empty cache (removed after
   each run), i.e. the first load with the cache being written.
 
-Goals (issue #15): cached ≤ 1.1× safetensors_local; writing ≤ 1.10× stream_st. Every contender is checked
-bit for bit against ``safetensors.torch.load_file`` once, untimed. Writes OUT/cache-results.md and .json.
+Goals: cached ≤ 1.1× safetensors_local; writing ≤ 1.10× stream_st. Writes OUT/cache-results.md and .json.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
 import shutil
 import sys
-import time
+from dataclasses import asdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness, whatever the cwd
 
-import process  # noqa: E402
-from checkpoint import ensure_checkpoint  # noqa: E402
-from nginx_server import serve  # noqa: E402
+from harness import REPO, arguments, report, rounds, servers  # noqa: E402
+from harness.checkpoint import ensure_checkpoint  # noqa: E402
+from harness.contenders import Contender  # noqa: E402
+from harness.process import Run, child_env, python, run_process  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
-
-CODE = {
-    "safetensors_local": "import safetensors.torch, sys\nstate = safetensors.torch.load_file(sys.argv[1])\n",
-    "safetensors_local_touched": (
-        "import safetensors.torch, sys, torch\nstate = safetensors.torch.load_file(sys.argv[1])\n"
-        "for t in state.values(): t.view(-1).view(torch.uint8)[::4096].sum()  # fault every page in\n"
+CONTENDERS = [
+    Contender(
+        "safetensors_local",
+        "`safetensors.torch.load_file(path)` (maps the file lazily)",
+        "import safetensors.torch\nsd = safetensors.torch.load_file(LOCAL)",
     ),
-    "stream_st_local": "import stream_st, sys\nstate = stream_st.load_file(sys.argv[1])\n",
-    "stream_st_cached": "import stream_st, sys\nstate = stream_st.load_file(sys.argv[2], cache_dir=sys.argv[3])\n",
-    "stream_st": "import stream_st, sys\nstate = stream_st.load_file(sys.argv[2])\n",
-    "stream_st_writing": "import stream_st, sys\nstate = stream_st.load_file(sys.argv[2], cache_dir=sys.argv[3])\n",
-}
-CHECK = (
-    "import safetensors.torch, torch\nexpected = safetensors.torch.load_file(sys.argv[1])\n"
-    "assert state.keys() == expected.keys()\n"
-    "same = lambda a, b: torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))\n"
-    "assert all(same(state[k], v) for k, v in expected.items())\n"
-    "print('bit-exact')\n"
-)
+    Contender(
+        "safetensors_local_touched",
+        "the same, then one byte of every page read",
+        "import safetensors.torch, torch\nsd = safetensors.torch.load_file(LOCAL)\n"
+        "for t in sd.values(): t.view(-1).view(torch.uint8)[::4096].sum()  # fault every page in",
+    ),
+    Contender(
+        "stream_st_local",
+        "`stream_st.load_file(path)` (local file)",
+        "import stream_st\nsd = stream_st.load_file(LOCAL)",
+    ),
+    Contender(
+        "stream_st_cached",
+        "`stream_st.load_file(url, cache_dir=...)`, cache full",
+        "import stream_st\nsd = stream_st.load_file(URL, cache_dir=WARM)",
+    ),
+    Contender("stream_st", "`stream_st.load_file(url)`, no cache", "import stream_st\nsd = stream_st.load_file(URL)"),
+    Contender(
+        "stream_st_writing",
+        "`stream_st.load_file(url, cache_dir=...)`, cache empty (written)",
+        "import stream_st\nsd = stream_st.load_file(URL, cache_dir=FRESH)",
+    ),
+]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size-gib", type=float, default=1.0)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
-    p.add_argument("--only", nargs="+", choices=list(CODE), help="run only these contenders")
+def main() -> int:
+    p = arguments(__doc__)
+    p.add_argument("--only", nargs="+", choices=[c.key for c in CONTENDERS], help="run only these contenders")
     args = p.parse_args()
-    contenders = args.only or list(CODE)
-    path = ensure_checkpoint(args.out, args.size_gib)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_ST_") and not k.lower().endswith("_proxy")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    warm, fresh = args.out / "cache-warm", args.out / "cache-fresh"
+    out = report.out_dir(args.out)
+    ckpt = ensure_checkpoint(out, args.size_gib)
+    env = child_env()
+    found = report.versions(env, REPO)
+    info = report.machine()
+    warm, fresh = out / "cache-warm", out / "cache-fresh"
     for folder in (warm, fresh):
         shutil.rmtree(folder, ignore_errors=True)
-    with serve(path.parent, args.out / "nginx-cache") as nginx:
-        url = nginx.url(path)
-
-        def run(key: str, check: bool = False) -> process.Run:
-            os.sync()
-            code = CODE[key] + (CHECK if check else "")
-            argv = [sys.executable, "-c", code, str(path), url, str(warm if key == "stream_st_cached" else fresh)]
-            offset = nginx.log_offset()
-            result = process.run_process(argv, env, REPO)
-            result.traffic = nginx.traffic_since(offset)  # type: ignore[attr-defined]
-            if key == "stream_st_writing":
-                shutil.rmtree(fresh, ignore_errors=True)
-            assert result.ok, result.output
-            return result
-
-        process.run_process([sys.executable, "-c", CODE["stream_st_writing"], "", url, str(warm)], env, REPO)
-        for key in contenders:
-            checked = run(key, check=True)
-            print(f"{key}: {checked.output.splitlines()[-1]}; server sent {checked.traffic.bytes} bytes", flush=True)  # type: ignore[attr-defined]
-        runs: dict[str, list[process.Run]] = {key: [] for key in contenders}
-        keys = contenders
-        for round_ in range(args.repeats):
-            order = keys[round_ % len(keys) :] + keys[: round_ % len(keys)]
-            for key in order:
-                runs[key].append(run(key))
-            print(f"round {round_ + 1}: " + ", ".join(f"{k} {runs[k][-1].wall_s:.2f}s" for k in keys), flush=True)
-    stats = {key: process.timing(r) | {"server_bytes": [x.traffic.bytes for x in r]} for key, r in runs.items()}  # type: ignore[attr-defined]
-    median = {key: s["median_s"] for key, s in stats.items()}
-    nan = float("nan")
-    cached_ratio = median.get("stream_st_cached", nan) / median.get("safetensors_local", nan)
-    writing_ratio = median.get("stream_st_writing", nan) / median.get("stream_st", nan)
-    machine = f"{platform.node()}, {os.cpu_count()} cores, {platform.platform()}"
-    lines = [
-        f"# cache benchmark ({time.strftime('%Y-%m-%d')}, {machine})",
-        "",
-        f"{path.name}: {path.stat().st_size / (1 << 30):.2f} GiB; median of {args.repeats} whole-process runs",
-        "",
-        "| how | wall s (median) | min–max | server bytes | peak RSS MiB |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for key, s in stats.items():
-        lines.append(
-            f"| {key} | {s['median_s']:.2f} | {s['min_s']:.2f}–{s['max_s']:.2f} | "
-            f"{max(s['server_bytes']):,} | {s['rss_mib']:.0f} |"
+    with servers.nginx(ckpt.path.parent, out / "nginx-cache") as server:
+        values = {"URL": server.url(ckpt.path), "LOCAL": str(ckpt.path), "WARM": str(warm), "FRESH": str(fresh)}
+        fill = run_process(
+            python(f"import stream_st\nstream_st.load_file({values['URL']!r}, cache_dir={str(warm)!r})"), env, REPO
         )
-    lines += [
-        "",
-        f"cached / safetensors_local: {cached_ratio:.2f}× (goal ≤ 1.1×)",
-        f"writing / stream_st: {writing_ratio:.2f}× (goal ≤ 1.10×)",
+        if not fill.ok:
+            raise SystemExit(f"filling the cache failed:\n{fill.output}")
+
+        def run(c: Contender, check: bool) -> Run:
+            os.sync()
+            done = server.run(c.argv(values, check), env, REPO)
+            shutil.rmtree(fresh, ignore_errors=True)
+            return done
+
+        outcomes = rounds.compare([c for c in CONTENDERS if not args.only or c.key in args.only], run, args.repeats)
+    report.finish(info)
+    rows = [rounds.summary(o) | {"server_bytes": [r.traffic.bytes for r in o.runs]} for o in outcomes]
+    cells = [
+        [r["label"], *report.wall_cells(r), f"{max(r['server_bytes']):,}", f"{r['rss_mib']:.0f}"]
+        if "median_s" in r
+        else report.untimed_cells(r, 5)
+        for r in rows
     ]
-    (args.out / "cache-results.md").write_text("\n".join(lines) + "\n")
-    (args.out / "cache-results.json").write_text(json.dumps(stats, indent=2))
-    print("\n".join(lines))
+    median = {r["key"]: r["median_s"] for r in rows if "median_s" in r}
+    cached, writing = median.get("stream_st_cached"), median.get("stream_st_writing")
+    lines = [
+        f"{ckpt.path.name}: {ckpt.file_bytes / (1 << 30):.2f} GiB from nginx on 127.0.0.1; median of {args.repeats} "
+        "whole-process runs, contenders rotated per round, each checked bit for bit once first",
+        "",
+        *report.table(["how", f"wall s (median of {args.repeats})", "min–max", "server bytes", "peak RSS MiB"], cells),
+        "",
+        f"- cached / safetensors_local: {report.ratio(cached, median.get('safetensors_local'))}× (goal ≤ 1.1×)",
+        f"- writing / stream_st: {report.ratio(writing, median.get('stream_st'))}× (goal ≤ 1.10×)",
+        *report.problems(rows),
+    ]
+    text = report.document("stream_st local cache benchmark", lines, info, found)
+    print("\n" + text)
+    runs = {o.contender.key: [asdict(r) for r in o.runs] for o in outcomes}
+    report.write(out, "cache-results", text, {"machine": info, "versions": found, "rows": rows, "runs": runs})
+    return 0 if all("median_s" in r for r in rows) else 1
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

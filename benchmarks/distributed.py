@@ -1,100 +1,99 @@
-"""N ranks loading the same checkpoint: each rank loading everything vs split-and-exchange
-(``process_group=``), on CPU with gloo. Reports wall time and bytes served by storage (nginx's log).
+"""N ranks loading the same checkpoint: each rank loading everything vs split-and-exchange (``process_group=``),
+on CPU with gloo. Reports wall time, the bytes storage served (nginx's log) and the largest peak RSS of a rank.
 
     .venv/bin/python benchmarks/distributed.py --ranks 2 --repeats 3
 
-Each mode runs as N fresh processes started together (torch.distributed over 127.0.0.1); the wall time is
-from start to the last rank's exit. On a 2-core machine the ranks share the cores with nginx, so the
-wall-time ratio says little about a real cluster; the byte ratio is exact.
+Each mode runs as N fresh processes started together (torch.distributed over 127.0.0.1; harness/process.py
+``run_together``), the modes rotated each round; the wall time is from the start to the last rank's exit. On
+a 2-core machine the ranks share the cores with nginx, so the wall-time ratio says little about a real
+cluster; the byte ratio is exact. Writes OUT/distributed_results.md and .json.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness, whatever the cwd
 
-from checkpoint import ensure_checkpoint  # noqa: E402
-from nginx_server import free_port, serve  # noqa: E402
+from harness import REPO, arguments, report, rounds, servers  # noqa: E402
+from harness.checkpoint import ensure_checkpoint  # noqa: E402
+from harness.process import child_env, python, run_together  # noqa: E402
 
 RANK = """
-import re, sys, time, datetime, torch.distributed as dist, stream_st
+import datetime, json, re, sys, torch.distributed as dist, stream_st
 url, rank, world, port, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                         timeout=datetime.timedelta(seconds=120))
-if mode == "iter":  # tensors consumed (summed) and dropped as they come, as when filling a model
+if mode == "iter":  # tensors consumed and dropped as they come, as when filling a model
     count = sum(1 for _, tensor in stream_st.iter_tensors(url, process_group=True))
 else:
     count = len(stream_st.load_file(url, process_group=True if mode == "split" else None))
 dist.barrier()
-status = open("/proc/self/status").read()
-print(count, int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1)) << 10)
+hwm = int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) << 10
+print("RESULT " + json.dumps({"tensors": count, "peak_rss": hwm}), flush=True)
 dist.destroy_process_group()
 """
 
 MODES = {
-    "each rank loads everything (`load_file`)": "all",
-    "split and exchange (`load_file(process_group=)`)": "split",
-    "split and exchange, batch by batch (`iter_tensors(process_group=)`)": "iter",
+    "all": "each rank loads everything (`load_file`)",
+    "split": "split and exchange (`load_file(process_group=)`)",
+    "iter": "split and exchange, batch by batch (`iter_tensors(process_group=)`)",
 }
 
 
-def run_mode(url: str, ranks: int, mode: str) -> tuple[float, int]:
-    """Wall seconds until the last rank exits, and the largest peak RSS of a rank."""
-    port = str(free_port())
-    started = time.perf_counter()
-    children = [
-        subprocess.Popen([sys.executable, "-c", RANK, url, str(r), str(ranks), port, mode], stdout=subprocess.PIPE)
-        for r in range(ranks)
-    ]
-    outputs = [child.communicate(timeout=600)[0] for child in children]
-    seconds = time.perf_counter() - started
-    if any(child.returncode for child in children):
-        raise RuntimeError(f"a rank failed: exit codes {[child.returncode for child in children]}")
-    return seconds, max(int(out.split()[-1]) for out in outputs)
-
-
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--size-gib", type=float, default=1.0)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
-    args = parser.parse_args()
-    local = ensure_checkpoint(args.out, args.size_gib)
-    rows: dict[str, dict[str, list[float]]] = {label: {} for label in MODES}
-    with serve(root=local.parent, prefix=args.out / "nginx-distributed") as server:
-        url = server.url(local)
-        for _ in range(args.repeats):
-            for label, mode in MODES.items():
-                offset = server.log_offset()
-                seconds, peak = run_mode(url, args.ranks, mode)
-                traffic = server.traffic_since(offset)
-                rows[label].setdefault("seconds", []).append(seconds)
-                rows[label].setdefault("bytes", []).append(traffic.bytes)
-                rows[label].setdefault("peak_rss", []).append(peak)
-    size = local.stat().st_size
+    p = arguments(__doc__, repeats=3)
+    p.add_argument("--ranks", type=int, default=2)
+    args = p.parse_args()
+    out = report.out_dir(args.out)
+    ckpt = ensure_checkpoint(out, args.size_gib)
+    env = child_env()
+    found = report.versions(env, REPO)
+    info = report.machine()
+    with servers.nginx(ckpt.path.parent, out / "nginx-distributed") as server:
+        url = server.url(ckpt.path)
+
+        def run_mode(mode: str) -> dict[str, Any]:
+            port = str(servers.free_port())
+            offset = server.log_offset()
+            argvs = [python(RANK, url, str(r), str(args.ranks), port, mode) for r in range(args.ranks)]
+            wall, ranks = run_together(argvs, env, REPO)
+            failed = [f"rank {i}: exit {r.rc}: {r.output}" for i, r in enumerate(ranks) if not r.ok or not r.result]
+            if failed:
+                raise SystemExit(f"{mode}: a rank failed:\n" + "\n".join(failed))
+            peak = max(r.result["peak_rss"] for r in ranks if r.result)
+            return {"seconds": wall, "bytes": server.traffic_since(offset).bytes, "peak_rss": peak}
+
+        def show(r: dict[str, Any]) -> str:
+            return f"{r['seconds']:6.2f}s {r['bytes']:,} B from storage, peak RSS {r['peak_rss'] >> 20:,} MiB"
+
+        runs = rounds.run_rounds(list(MODES), args.repeats, run_mode, show=show)
+    report.finish(info)
+    cells = []
+    for mode, rs in runs.items():
+        pulled = statistics.median(r["bytes"] for r in rs)
+        seconds, peak = statistics.median(r["seconds"] for r in rs), statistics.median(r["peak_rss"] for r in rs)
+        cells.append(
+            [
+                MODES[mode],
+                f"{seconds:.2f}",
+                f"{pulled:,.0f}",
+                f"{pulled / ckpt.file_bytes:.2f}",
+                f"{peak / (1 << 20):,.0f}",
+            ]
+        )
     lines = [
-        f"{args.ranks} ranks (gloo, CPU), {size / (1 << 30):.2f} GiB checkpoint from nginx on 127.0.0.1, "
-        f"median of {args.repeats}",
+        f"{args.ranks} ranks (gloo, CPU), {ckpt.file_bytes / (1 << 30):.2f} GiB checkpoint from nginx on 127.0.0.1, "
+        f"median of {args.repeats}, modes rotated per round",
         "",
-        "| mode | wall s | bytes from storage | × file size | peak RSS of a rank, MiB |",
-        "|---|---:|---:|---:|---:|",
+        *report.table(["mode", "wall s", "bytes from storage", "× file size", "peak RSS of a rank, MiB"], cells),
     ]
-    for label, row in rows.items():
-        pulled = statistics.median(row["bytes"])
-        seconds, peak = statistics.median(row["seconds"]), statistics.median(row["peak_rss"]) / (1 << 20)
-        lines.append(f"| {label} | {seconds:.2f} | {pulled:,.0f} | {pulled / size:.2f} | {peak:,.0f} |")
-    text = "\n".join(lines)
-    print(text)
-    (args.out / "distributed_results.md").write_text(text + "\n")
-    (args.out / "distributed_results.json").write_text(json.dumps(rows, indent=1))
+    text = report.document("Many ranks loading one checkpoint", lines, info, found)
+    print("\n" + text)
+    report.write(out, "distributed_results", text, {"machine": info, "versions": found, "runs": runs})
     return 0
 
 

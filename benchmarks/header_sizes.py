@@ -9,50 +9,34 @@ dtype, shape and data_offsets, compact separators, padded with spaces to a multi
 typical layouts, from names and shapes only (no weights are allocated), and says which prefetch
 sizes hold each one.
 
-Before the table it checks the builder against ``safetensors.torch.save`` on a small layout (tiny
-tensors), and against the benchmark checkpoint's real header if ``run.py`` already generated it.
+The builder is harness/checkpoint.py's ``header_json`` (the benchmark checkpoints' headers are written with it).
+Before the table it checks it byte for byte against ``safetensors.torch.save`` on a small layout of two dtypes,
+and against the benchmark checkpoint's real header if ``run.py`` already generated it. Writes
+OUT/header_sizes.md and .json.
 """
 
 from __future__ import annotations
 
-import json
 import struct
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness, whatever the cwd
 
-Tensor = tuple[str, str, tuple[int, ...]]  # name, safetensors dtype, shape
+from harness import arguments, report  # noqa: E402
+from harness.checkpoint import LAYERS, Tensor, header_json, layout, nbytes, pick_hidden  # noqa: E402
 
-ITEMSIZE = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "F8_E4M3": 1, "U8": 1}
 PREFETCH = [("64 KiB", 64 * 1024), ("100 kB", 100_000), ("256 KiB", 256 * 1024), ("1 MiB", 1 << 20)]
 
 
 def data_bytes(tensors: list[Tensor]) -> int:
-    total = 0
-    for _, dtype, shape in tensors:
-        n = ITEMSIZE[dtype]
-        for d in shape:
-            n *= d
-        total += n
-    return total
+    return sum(nbytes(dtype, shape) for _, dtype, shape in tensors)
 
 
-def header_bytes(tensors: list[Tensor], metadata: dict[str, str] | None = None) -> int:
+def header_bytes(tensors: list[Tensor]) -> int:
     """Bytes before the first tensor byte: the 8-byte length prefix + the padded JSON header."""
-    # safetensors lays data out by dtype alignment (largest first), then by name; offsets follow.
-    ordered = sorted(tensors, key=lambda t: (-ITEMSIZE[t[1]], t[0]))
-    header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
-    offset = 0
-    for name, dtype, shape in ordered:
-        n = ITEMSIZE[dtype]
-        for d in shape:
-            n *= d
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    text = json.dumps(header, separators=(",", ":"))
-    return 8 + -(-len(text.encode()) // 8) * 8  # padded to a multiple of 8, as safetensors does
+    return 8 + len(header_json(tensors))
 
 
 # --- layouts --------------------------------------------------------------------------------------------
@@ -162,8 +146,6 @@ def experts_2000_shard() -> list[Tensor]:
 
 def bench_checkpoint() -> list[Tensor]:
     """The checkpoint run.py generates at --size-gib 1.0 (hidden 1536, 147 tensors, BF16)."""
-    from checkpoint import layout, pick_hidden
-
     return [(name, "BF16", shape) for name, shape in layout(pick_hidden(1.0)).items()]
 
 
@@ -193,19 +175,16 @@ def check_against_safetensors() -> str:
     data = save(
         {name: torch.zeros(shape, dtype=dtypes[dtype]) for name, dtype, shape in tiny}, metadata={"format": "pt"}
     )
-    real = 8 + struct.unpack("<Q", data[:8])[0]
-    mine = header_bytes(tiny)
-    if real != mine:
-        raise SystemExit(f"header builder disagrees with safetensors: {mine} vs {real} bytes")
-    return f"builder matches safetensors.torch.save on a {len(tiny)}-tensor layout ({real} B)"
+    real = data[8 : 8 + struct.unpack("<Q", data[:8])[0]]
+    if real != header_json(tiny):
+        raise SystemExit(
+            f"header builder disagrees with safetensors.torch.save: {header_json(tiny)[:200]!r} vs {real[:200]!r}"
+        )
+    return f"builder matches safetensors.torch.save byte for byte on a {len(tiny)}-tensor layout ({8 + len(real)} B)"
 
 
-def check_against_benchmark_file() -> str | None:
-    from checkpoint import LAYERS, pick_hidden
-
-    path = (
-        Path(__file__).resolve().parent / "out" / "data" / f"llama-like-h{pick_hidden(1.0)}-l{LAYERS}-bf16.safetensors"
-    )
+def check_against_benchmark_file(out: Path) -> str | None:
+    path = out / "data" / f"llama-like-h{pick_hidden(1.0)}-l{LAYERS}-bf16.safetensors"
     if not path.exists():
         return None
     with open(path, "rb") as f:
@@ -219,25 +198,31 @@ def check_against_benchmark_file() -> str | None:
 
 
 def main() -> int:
-    print(check_against_safetensors())
-    note = check_against_benchmark_file()
-    if note:
-        print(note)
-    print()
-    columns = " | ".join(f"≤ {label}" for label, _ in PREFETCH)
-    print(f"| layout | tensors | shard GB | header bytes | KiB | {columns} |")
-    print("|---|---:|---:|---:|---:|" + "---|" * len(PREFETCH))
+    args = arguments(__doc__, size_gib=None).parse_args()  # --repeats is unused: nothing here is timed
+    out = report.out_dir(args.out)
+    notes = [check_against_safetensors(), check_against_benchmark_file(out)]
+    header = ["layout", "tensors", "shard GB", "header bytes", "KiB", *(f"≤ {label}" for label, _ in PREFETCH)]
+    cells = []
     for label, build in LAYOUTS:
         tensors = build()
         size = header_bytes(tensors)
-        fits = " | ".join("yes" if size <= limit else "**no**" for _, limit in PREFETCH)
-        gb = data_bytes(tensors) / 1e9
-        print(f"| {label} | {len(tensors):,} | {gb:.1f} | {size:,} | {size / 1024:.1f} | {fits} |")
-    print()
-    print("'header bytes' = 8-byte length prefix + padded JSON: what the first ranged GET must cover to avoid")
-    print("a second round trip. A column is 'yes' when a prefetch of that size holds the whole header.")
-    print("'shard GB' = tensor bytes in that file: published shards are usually 2-10 GB, which caps how many")
-    print("tensors (and so header bytes) one file holds; the larger MoE rows are stress cases, not published files.")
+        fits = ["yes" if size <= limit else "**no**" for _, limit in PREFETCH]
+        cells.append(
+            [label, f"{len(tensors):,}", f"{data_bytes(tensors) / 1e9:.1f}", f"{size:,}", f"{size / 1024:.1f}", *fits]
+        )
+    lines = [
+        *(f"- {note}" for note in notes if note),
+        "",
+        *report.table(header, cells, "lrrrr" + "l" * len(PREFETCH)),
+        "",
+        "'header bytes' = 8-byte length prefix + padded JSON: what the first ranged GET must cover to avoid a second",
+        "round trip. A column is 'yes' when a prefetch of that size holds the whole header. 'shard GB' = tensor bytes",
+        "in that file: published shards are usually 2-10 GB, which caps how many tensors (and so header bytes) one",
+        "file holds; the larger MoE rows are stress cases, not published files.",
+    ]
+    text = report.document("Header sizes of real checkpoint layouts", lines, report.machine(), {})
+    print(text)
+    report.write(out, "header_sizes", text, {"rows": cells})
     return 0
 
 

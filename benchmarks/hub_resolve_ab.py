@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A/B of how an hf:// file is resolved, in alternating fresh processes against the Hub-compatible test server:
 
-    .venv/bin/python benchmarks/hub_resolve_ab.py [--pairs 8] [--file benchmarks/out/data/llama-like-*.safetensors]
+    .venv/bin/python benchmarks/hub_resolve_ab.py [--pairs 8] [--size-gib 1.0 | --file PATH.safetensors]
 
 - ``direct``: ``storage_options={"endpoint", "token"}`` only: stream_st builds the resolve URL itself;
 - ``hffs``: the same plus ``block_size`` (an option only HfFileSystem takes, unused by stream_st), which sends
@@ -9,68 +9,78 @@
 
 Each child times ``import torch, stream_st`` and then ``load_file`` separately (the resolution's cost is in
 the load), so the 2-core machine's start-up noise, which hides a 0.2 s effect in whole-process timings
-(``cloud.py``), stays out of the comparison. Pairs alternate which variant runs first.
+(``cloud.py``), stays out of the comparison. Each variant is checked bit for bit once, untimed; the pairs
+alternate which variant runs first. Writes OUT/hub_resolve_ab.md and .json.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness, whatever the cwd
 
-CHILD = """
-import json, sys, time
+from harness import REPO, arguments, report, rounds, servers  # noqa: E402
+from harness.checkpoint import ensure_checkpoint  # noqa: E402
+from harness.contenders import Contender  # noqa: E402
+from harness.process import child_env, run_process  # noqa: E402
+
+LOAD = """import json, time
 t0 = time.perf_counter()
 import torch, stream_st
 t1 = time.perf_counter()
-state = stream_st.load_file(sys.argv[1], storage_options=json.loads(sys.argv[2]))
+sd = stream_st.load_file(URL, storage_options=SO)
 t2 = time.perf_counter()
-print(json.dumps({"import": t1 - t0, "load": t2 - t1, "tensors": len(state)}))
+print("RESULT " + json.dumps({"import": t1 - t0, "load": t2 - t1}))
 """
+VARIANTS = {"direct": {}, "hffs": {"block_size": 0}}
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--pairs", type=int, default=8)
-    p.add_argument("--file", type=Path, help="a safetensors file (default: the one benchmarks/run.py generates)")
+    p = arguments(__doc__, repeats=8)
+    p.add_argument("--pairs", dest="repeats", type=int, help="alternating pairs (default 8); the same as --repeats")
+    p.add_argument("--file", type=Path, help="a safetensors file (default: the checkpoint of --size-gib)")
     a = p.parse_args()
-    path = a.file or next((HERE / "out" / "data").glob("llama-like-*.safetensors"), None)
-    if path is None:
-        raise SystemExit("no checkpoint: run benchmarks/run.py once, or pass --file")
-    from hub_server import HubServer
-
-    with tempfile.TemporaryDirectory() as root, HubServer(Path(root), redirect="lfs") as hub:
+    out = report.out_dir(a.out)
+    path = a.file or ensure_checkpoint(out, a.size_gib).path
+    env = child_env()
+    found, info = report.versions(env, REPO, ["huggingface_hub"]), report.machine()
+    with tempfile.TemporaryDirectory() as root, servers.hub(Path(root)) as hub:
         hub.commit("org/bench", {"model.safetensors": path})
-        url = "hf://org/bench/model.safetensors"
         plain = {"endpoint": hub.endpoint, "token": False}
-        variants = {"direct": plain, "hffs": {**plain, "block_size": 0}}
-        runs: dict[str, list[dict[str, float]]] = {key: [] for key in variants}
-        for i in range(a.pairs):
-            for key in list(variants)[:: 1 if i % 2 else -1]:
-                out = subprocess.run(
-                    [sys.executable, "-c", CHILD, url, json.dumps(variants[key])],
-                    capture_output=True,
-                    text=True,
-                    timeout=300,
-                    check=True,
-                )
-                runs[key].append(json.loads(out.stdout.splitlines()[-1]))
-    print(f"{path.name}: {path.stat().st_size:,} bytes, {a.pairs} pairs, loopback Hub server with a CDN redirect")
-    load = {key: statistics.median(r["load"] for r in rs) for key, rs in runs.items()}
-    for key, rs in runs.items():
-        each = ", ".join(f"{r['load']:.2f}" for r in rs)
-        print(
-            f"{key:7s} import torch+stream_st {statistics.median(r['import'] for r in rs):.3f} s, "
-            f"load_file {load[key]:.3f} s (runs: {each})"
+        contenders = [Contender(key, key, LOAD) for key in VARIANTS]
+        url = "hf://org/bench/model.safetensors"
+        values = {c.key: {"URL": url, "LOCAL": str(path), "SO": plain | VARIANTS[c.key]} for c in contenders}
+        outcomes = rounds.compare(
+            contenders, lambda c, check: run_process(c.argv(values[c.key], check), env, REPO), a.repeats
         )
-    print(f"direct ÷ hffs = {load['direct'] / load['hffs']:.2f}× ({load['direct'] - load['hffs']:+.3f} s per load)")
+    report.finish(info)
+    if not all(o.check_ok and len(o.ok_runs) == a.repeats for o in outcomes):
+        raise SystemExit("a variant failed: " + "; ".join(o.check for o in outcomes))
+    results = {o.contender.key: [r.result or {} for r in o.runs] for o in outcomes}
+    load = {key: rounds.Stats.of([r["load"] for r in rs]) for key, rs in results.items()}
+    cells = [
+        [
+            key,
+            f"{rounds.Stats.of([r['import'] for r in rs]).median:.3f}",
+            f"{load[key].median:.3f}",
+            load[key].spread,
+            ", ".join(f"{r['load']:.2f}" for r in rs),
+        ]
+        for key, rs in results.items()
+    ]
+    direct, hffs = load["direct"].median, load["hffs"].median
+    lines = [
+        f"{path.name}: {path.stat().st_size:,} bytes, {a.repeats} pairs, loopback Hub server with a CDN redirect",
+        "",
+        *report.table(["variant", "import torch + stream_st s", "load_file s (median)", "min–max", "runs"], cells),
+        "",
+        f"direct ÷ hffs = {direct / hffs:.2f}× ({direct - hffs:+.3f} s per load)",
+    ]
+    text = report.document("hf:// resolution: stream_st's resolve URL against HfFileSystem", lines, info, found)
+    print("\n" + text)
+    report.write(out, "hub_resolve_ab", text, {"machine": info, "versions": found, "runs": results})
     return 0
 
 
