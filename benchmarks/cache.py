@@ -10,7 +10,10 @@ with ``sync`` (outside the timing) before every run so that no run pays for the 
   lazily (its RSS stays small), so this is the cost of having every byte in memory;
 * ``stream_st_local``: ``stream_st.load_file`` of the local file (``preadv`` into the tensors);
 * ``stream_st_cached``: ``stream_st.load_file(url, cache_dir=...)`` with the cache already filled (the
-  network sees the 8-byte version probe only, checked against nginx's log);
+  network sees the 8-byte version probe only, checked against nginx's log; the tensors map the cache file);
+* ``stream_st_cached_touched``: the same, then one byte of every page read (a cached load maps the cache file
+  copy-on-write as safetensors maps its file, so this is the cost of having every byte in memory);
+* ``stream_st_local_mmap``: ``stream_st.load_file(path, backend="mmap")``, mapped as safetensors does;
 * ``stream_st``: ``stream_st.load_file(url)``, no cache;
 * ``stream_st_writing``: ``stream_st.load_file(url, cache_dir=...)`` into an empty cache (removed after
   each run), i.e. the first load with the cache being written.
@@ -54,6 +57,17 @@ CONTENDERS = [
         "stream_st_cached",
         "`stream_st.load_file(url, cache_dir=...)`, cache full",
         "import stream_st\nsd = stream_st.load_file(URL, cache_dir=WARM)",
+    ),
+    Contender(
+        "stream_st_cached_touched",
+        "the same, then one byte of every page read",
+        "import stream_st, torch\nsd = stream_st.load_file(URL, cache_dir=WARM)\n"
+        "for t in sd.values(): t.view(-1).view(torch.uint8)[::4096].sum()  # fault every page in",
+    ),
+    Contender(
+        "stream_st_local_mmap",
+        "`stream_st.load_file(path, backend=\"mmap\")` (local file, mapped)",
+        "import stream_st\nsd = stream_st.load_file(LOCAL, backend='mmap')",
     ),
     Contender("stream_st", "`stream_st.load_file(url)`, no cache", "import stream_st\nsd = stream_st.load_file(URL)"),
     Contender(
@@ -108,6 +122,8 @@ def main() -> int:
         *report.table(["how", f"wall s (median of {args.repeats})", "min–max", "server bytes", "peak RSS MiB"], cells),
         "",
         f"- cached / safetensors_local: {report.ratio(cached, median.get('safetensors_local'))}× (goal ≤ 1.1×)",
+        f"- cached, every page touched / safetensors_local, every page touched: "
+        f"{report.ratio(median.get('stream_st_cached_touched'), median.get('safetensors_local_touched'))}×",
         f"- writing / stream_st: {report.ratio(writing, median.get('stream_st'))}× (goal ≤ 1.10×)",
         *report.problems(rows),
     ]
