@@ -23,7 +23,7 @@ from .integrity import VerifyOption, parse_digest
 from .location import redact
 from .modules import apply_state, tied_groups
 from .parallel import RegionOf, TensorParallel, load_raw, whole, with_regions
-from .progress import ProgressOption, make_progress
+from .progress import Progress, ProgressOption, make_progress
 from .remote import RemoteFile
 from .select import Selection
 from .shards import Checkpoint, open_checkpoint
@@ -86,10 +86,14 @@ async def open_files(
 
 
 async def _load_located(
-    located: Mapping[RemoteFile, list[str]], device: Device, dtype: torch.dtype | None, verify: VerifyOption = None
+    located: Mapping[RemoteFile, list[str]],
+    device: Device,
+    dtype: torch.dtype | None,
+    verify: VerifyOption,
+    progress: Progress | None,
 ) -> dict[str, torch.Tensor]:
     """Fetch every group concurrently (one engine), return tensors shard by shard in file order."""
-    return _finished(await load_raw(with_regions(located), to_device(device), verify), device, dtype)
+    return _finished(await load_raw(with_regions(located), to_device(device), verify, progress=progress), device, dtype)
 
 
 def _ranks(process_group: Any, device: Device) -> Ranks | None:
@@ -128,8 +132,8 @@ async def _split(
     split = SplitLoad(checkpoint, ranks, verify)
     await split.agree(tensors, region_of)
     total = split.share_bytes(split.union) + total_bytes({f: [n for n, _ in w] for f, w in split.alone.items()})
-    with reporting(checkpoint, total, progress):
-        fetched = await split.fetch(split.union, with_own_slices=True)
+    with reporting(checkpoint, total, progress) as counter:
+        fetched = await split.fetch(split.union, with_own_slices=True, progress=counter)
         return await split.exchange(split.union, fetched, lambda outputs: _finished(outputs, device, dtype))
 
 
@@ -173,16 +177,15 @@ def total_bytes(located: Mapping[RemoteFile, list[str]]) -> int:
 
 
 @contextlib.contextmanager
-def reporting(checkpoint: Checkpoint, total: int, option: ProgressOption) -> Iterator[None]:
-    """Report ``total`` bytes landing, as ``option`` asks (see ``progress.make_progress``)."""
-    engine = checkpoint.engine
-    engine.progress = make_progress(option, total, checkpoint.url.rsplit("/", 1)[-1])
+def reporting(checkpoint: Checkpoint, total: int, option: ProgressOption) -> Iterator[Progress | None]:
+    """This load's counter of ``total`` bytes landing, reported as ``option`` asks (see
+    ``progress.make_progress``); handed down the load's calls, never stored where another load sees it."""
+    progress = make_progress(option, total, checkpoint.url.rsplit("/", 1)[-1])
     try:
-        yield
+        yield progress
     finally:
-        if engine.progress is not None:
-            engine.progress.close()
-            engine.progress = None
+        if progress is not None:
+            progress.close()
 
 
 def check_verify(checkpoint: Checkpoint, verify: VerifyOption) -> None:
@@ -313,8 +316,9 @@ async def load_file_async(
             if ranks is not None:
                 return await _split(checkpoint, ranks, tensors, device, dtype, verify, progress, region_of)
             located = await checkpoint.locate(tensors)
-            with reporting(checkpoint, total_bytes(located), progress):
-                outputs = await load_raw(with_regions(located, region_of), to_device(device), verify)
+            with reporting(checkpoint, total_bytes(located), progress) as counter:
+                requests = with_regions(located, region_of)
+                outputs = await load_raw(requests, to_device(device), verify, progress=counter)
                 return _finished(outputs, device, dtype)
 
     return await issuing_warnings(within(cfg.timeout, f"{redact(url)}: load", load()))
@@ -429,14 +433,15 @@ async def _iterate(
             for file, names in located.items():  # read whole, batch after batch: its digest applies
                 file.verified_in_batches = len(names) == len(file.header)
 
-        def begin(batch: Mapping[RemoteFile, list[str]]) -> asyncio.Future[Any]:
-            if split is not None:
-                return asyncio.ensure_future(split.fetch(batch))
-            return asyncio.ensure_future(_load_located(batch, device, dtype, verify))
-
         batches = _batches(located, cfg.max_inflight_bytes, min(cfg.part_size, cfg.max_inflight_bytes))
         total = sum(split.share_bytes(b) for b in batches) if split is not None else total_bytes(located)
-        stack.enter_context(reporting(checkpoint, total, progress))
+        counter = stack.enter_context(reporting(checkpoint, total, progress))
+
+        def begin(batch: Mapping[RemoteFile, list[str]]) -> asyncio.Future[Any]:
+            if split is not None:
+                return asyncio.ensure_future(split.fetch(batch, progress=counter))
+            return asyncio.ensure_future(_load_located(batch, device, dtype, verify, counter))
+
         ahead: asyncio.Future[Any] | None = None
         try:
             for index, batch in enumerate(batches):
@@ -563,8 +568,8 @@ async def load_model_async(
                 state = await _split(checkpoint, ranks, model_keys.__contains__, device, dtype, verify, progress)
             else:
                 located = await checkpoint.locate(lambda name: name in model_keys)
-                with reporting(checkpoint, total_bytes(located), progress):
-                    state = await _load_located(located, device, dtype, verify)
+                with reporting(checkpoint, total_bytes(located), progress) as counter:
+                    state = await _load_located(located, device, dtype, verify, counter)
         return apply_state(
             model, state, in_file, groups, strict=strict, assign=assign, device=to_device(device), url=url
         )

@@ -25,6 +25,7 @@ from .errors import FetchError, ObjectChangedError, StreamSTError
 from .gpu import use_device
 from .header import TensorInfo
 from .parallel import RegionOf, load_raw, whole
+from .progress import Progress
 from .regions import Region
 from .remote import RemoteFile
 from .select import Selection
@@ -214,8 +215,11 @@ class SplitLoad:
                     mine += sizes[name] if share.whole else (share.stop - share.start) * row_bytes
         return mine
 
-    async def fetch(self, part: Mapping[RemoteFile, list[str]], *, with_own_slices: bool = False) -> Fetched:
-        """Download this rank's pieces of ``part`` (and its own slices) and allocate what it will receive."""
+    async def fetch(
+        self, part: Mapping[RemoteFile, list[str]], *, with_own_slices: bool = False, progress: Progress | None = None
+    ) -> Fetched:
+        """Download this rank's pieces of ``part`` (and its own slices) and allocate what it will receive;
+        ``progress`` counts the bytes this rank downloads."""
         fetched = Fetched(self.plan(part))
         try:
             into: dict[str, torch.Tensor] = {}  # our rows of split tensors we keep: landed in place, not copied
@@ -232,9 +236,10 @@ class SplitLoad:
                 file: [(s.name, _region(s)) for n in names for s in fetched.plan[n] if s.rank == self.rank]
                 for file, names in part.items()
             }
-            loads = [load_raw({f: wanted for f, wanted in ours.items() if wanted}, self.device, into=into)]
+            mine = {f: wanted for f, wanted in ours.items() if wanted}
+            loads = [load_raw(mine, self.device, into=into, progress=progress)]
             if with_own_slices and self.alone:
-                loads.append(load_raw(self.alone, self.device, self.verify))
+                loads.append(load_raw(self.alone, self.device, self.verify, progress=progress))
             loaded = await gather_or_cancel(*loads)
             fetched.pieces, fetched.sliced = loaded[0], loaded[1] if len(loaded) > 1 else {}
         except Exception as exc:

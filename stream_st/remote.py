@@ -33,6 +33,7 @@ from .integrity import (
 )
 from .location import redact
 from .plan import Want
+from .progress import Progress
 from .regions import Region
 from .sources import Probe, Source, open_source
 
@@ -150,19 +151,22 @@ class RemoteFile:
         verify: VerifyOption = None,
         device: torch.device | None = None,
         into: Mapping[str, torch.Tensor] | None = None,
+        progress: Progress | None = None,
     ) -> dict[str, OutputTensor]:
         """Fetch tensors (or a region of one dimension of them) into newly allocated tensors, concurrently,
         or into the flat buffers ``into`` names for them where those are where the bytes land anyway.
 
         On the host, bytes land straight in the outputs; for another ``device`` they pass through the
         shared pinned slot pool (gpu.py). With ``verify``, they are checked against a digest before being
-        returned: hashed in order as parts land (read back from the device in small chunks on a GPU)."""
+        returned: hashed in order as parts land (read back from the device in small chunks on a GPU).
+        ``progress`` counts the bytes of the outputs as they land, wherever they come from."""
         requested = list(requests)
         staged = device is not None and (device.type != "cpu" or self.stage_cpu_loads) and self.source.ranges
         landing = device if staged else None
-        outputs = await self._take_prefetched([name for name, region in requested if region is None], landing, into)
+        unsliced = [name for name, region in requested if region is None]
+        outputs = await self._take_prefetched(unsliced, landing, into, progress)
         prefetched = [(self.header.tensors[name].start, self.header.tensors[name].end) for name in outputs]
-        wants = self._allocate(requested, landing, into, outputs)
+        wants = self._allocate(requested, landing, into, outputs, progress)
         memories = _hashable_memories(outputs, staged) if verify else {}
         sliced = {name for name, region in requested if region}
         whole = len(outputs) == len(self.header) and not sliced
@@ -186,10 +190,12 @@ class RemoteFile:
         if staged:
             assert device is not None
             buffers = {name: out.buffer for name, out in outputs.items()}
-            await self._fetch_to_device(wants, buffers, device, landed, gap)
+            await self._fetch_to_device(wants, buffers, device, landed, gap, progress)
         else:
             views = {name: out.view() for name, out in outputs.items()}
-            await self.engine.fetch(self.source, wants, lambda key: views[str(key)], landed, max_gap=gap)
+            await self.engine.fetch(
+                self.source, wants, lambda key: views[str(key)], landed, max_gap=gap, progress=progress
+            )
         self.source.check_unchanged()
         if hasher is not None and (whole or hasher.frontier == self.header.file_size):
             self._batches_hasher = None
@@ -205,6 +211,7 @@ class RemoteFile:
         device: torch.device | None,
         into: Mapping[str, torch.Tensor] | None,
         outputs: dict[str, OutputTensor],
+        progress: Progress | None,
     ) -> list[Want]:
         """An output for every requested tensor (or region) not in ``outputs`` yet, on ``device`` (None: host
         memory) or in its ``into`` buffer; returns the spans still to fetch (the header read's are copied)."""
@@ -227,7 +234,7 @@ class RemoteFile:
             outputs[name] = out
             spans = region.spans(info) if region else [(info.start, info.end, 0)]
             for start, end, offset in spans:
-                wants.extend(self._take_from_prefix(Want(name, start, end, offset), out.buffer))
+                wants.extend(self._take_from_prefix(Want(name, start, end, offset), out.buffer, progress))
         return wants
 
     def _refuse_whole_file_digest(self, verify: str, whole: int, sliced: int) -> None:
@@ -240,7 +247,11 @@ class RemoteFile:
         )
 
     async def _take_prefetched(
-        self, names: list[str], device: torch.device | None, into: Mapping[str, torch.Tensor] | None
+        self,
+        names: list[str],
+        device: torch.device | None,
+        into: Mapping[str, torch.Tensor] | None,
+        progress: Progress | None,
     ) -> dict[str, OutputTensor]:
         """The tensors of ``names`` a prefetch holds, once their bytes are in: on the host they become the
         outputs' memory as they are; on a device (or into ``into``) they are copied there."""
@@ -271,8 +282,8 @@ class RemoteFile:
                 target.copy_(memory)
                 memory = target
             outputs[name] = output_tensor(info, info.shape, url=self.url, buffer=memory)
-            if self.engine.progress is not None:
-                self.engine.progress.advance(result.nbytes)
+            if progress is not None:
+                progress.advance(result.nbytes)
         return outputs
 
     async def verify_loaded(self, verify: VerifyOption, outputs: Mapping[str, OutputTensor]) -> None:
@@ -296,6 +307,7 @@ class RemoteFile:
         device: torch.device,
         landed: Callable[[int, int], None] | None,
         max_gap: int | None,
+        progress: Progress | None,
     ) -> None:
         from .gpu import DeviceStaging, shared_pool
 
@@ -303,7 +315,7 @@ class RemoteFile:
         pool = shared_pool(config.part_size, config.pinned_pool_bytes, pinned=device.type == "cuda")
         staging = DeviceStaging(buffers, device, pool)
         try:
-            await self.engine.fetch(self.source, wants, _no_host_destination, landed, staging, max_gap)
+            await self.engine.fetch(self.source, wants, _no_host_destination, landed, staging, max_gap, progress)
         finally:
             # Wait for every queued copy, on success and on failure alike: the caller must not see a
             # half-copied tensor, nor may memory still being copied into be freed.
@@ -377,7 +389,7 @@ class RemoteFile:
             raise IntegrityError(f"{self.url}: {why}; not verified", url=self.url)
         warn_caller(f"{self.url}: {why}; loading unverified", IntegrityWarning)
 
-    def _take_from_prefix(self, want: Want, buffer: torch.Tensor) -> list[Want]:
+    def _take_from_prefix(self, want: Want, buffer: torch.Tensor, progress: Progress | None) -> list[Want]:
         """Copy what the header read already fetched; return what is still missing."""
         have = min(want.end, len(self._prefix)) - want.start
         if have <= 0:
@@ -392,8 +404,8 @@ class RemoteFile:
             writable_view(buffer)[at : at + have] = known
         else:  # at most the header prefetch (256 KiB): a plain copy
             buffer[at : at + have].copy_(torch.frombuffer(bytearray(known), dtype=torch.uint8))
-        if self.engine.progress is not None:
-            self.engine.progress.advance(have)
+        if progress is not None:
+            progress.advance(have)
         rest = Want(want.key, want.start + have, want.end, want.dest_offset + have)
         return [rest] if rest.end > rest.start else []
 
