@@ -16,10 +16,9 @@ from ._loop import close_soon, issuing_warnings, run_sync
 from .arguments import Device, cast_target, check_backend, path_or_url, to_device, within
 from .config import Config, resolve
 from .distributed import Ranks, SplitLoad
-from .errors import ConfigError
 from .fetch import Engine, Stats
 from .header import Header
-from .integrity import VerifyOption, parse_digest
+from .integrity import VerifyOption
 from .location import redact
 from .modules import apply_state, tied_groups
 from .parallel import RegionOf, TensorParallel, load_raw, whole, with_regions
@@ -28,6 +27,7 @@ from .remote import RemoteFile
 from .select import Selection
 from .shards import Checkpoint, open_checkpoint
 from .sinks import OutputTensor
+from .verifier import check_option
 
 logger = logging.getLogger(__name__)
 
@@ -190,13 +190,7 @@ def reporting(checkpoint: Checkpoint, total: int, option: ProgressOption) -> Ite
 
 def check_verify(checkpoint: Checkpoint, verify: VerifyOption) -> None:
     """Reject a malformed digest, or one digest for many files, before anything is downloaded."""
-    if isinstance(verify, str) and verify != "strict":
-        parse_digest(verify)
-        if checkpoint.sharded:
-            raise ConfigError(
-                f"{checkpoint.url}: verify={verify!r} is one digest, but the checkpoint has {len(checkpoint.shards)} "
-                "files; use verify=True (each file's published digest or sidecar)"
-            )
+    check_option(verify, checkpoint.url, len(checkpoint.shards) if checkpoint.sharded else None)
 
 
 def finish(host: OutputTensor, device: Device, dtype: torch.dtype | None) -> torch.Tensor:
@@ -430,8 +424,9 @@ async def _iterate(
             located: Mapping[RemoteFile, list[str]] = split.union
         else:
             located = await checkpoint.locate(tensors)
-            for file, names in located.items():  # read whole, batch after batch: its digest applies
-                file.verified_in_batches = len(names) == len(file.header)
+            for file, names in located.items():
+                if len(names) == len(file.header):
+                    file.verifier.read_in_batches()
 
         batches = _batches(located, cfg.max_inflight_bytes, min(cfg.part_size, cfg.max_inflight_bytes))
         total = sum(split.share_bytes(b) for b in batches) if split is not None else total_bytes(located)

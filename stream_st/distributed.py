@@ -266,7 +266,7 @@ class SplitLoad:
                 for file, names in part.items():
                     held = {name: received[name] for name in names if name in received}
                     if held:
-                        await file.verify_loaded(self.verify, held)
+                        await file.verifier.check_received(self.verify, held)
             files = self.checkpoint.in_order([*part, *(f for f in self.alone if fetched.sliced)])
             both = {**received, **fetched.sliced}
             finished = finish(

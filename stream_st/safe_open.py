@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import torch
 
 from ._loop import gather_or_cancel, run_sync
-from .api import finish, settle
+from .api import check_verify, finish, settle
 from .arguments import Device, cast_target, check_backend, path_or_url, to_device, within
 from .config import Config, resolve
 from .errors import HandleClosedError
@@ -66,6 +66,7 @@ class AsyncSafeOpen:
             engine = Engine(self._config)
             try:
                 checkpoint = await open_checkpoint(self._url, engine, self._storage_options)
+                check_verify(checkpoint, self._verify)
                 self._names = await checkpoint.names()
                 if not checkpoint.sharded:
                     self._metadata = (await checkpoint.file(checkpoint.shards[0])).header.metadata
