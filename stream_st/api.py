@@ -8,11 +8,12 @@ import logging
 import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
+from functools import partial
 from typing import Any
 
 import torch
 
-from ._loop import close_soon, issuing_warnings, run_sync
+from ._loop import close_soon, issuing_warnings, off_loop, run_sync
 from .arguments import Device, cast_target, check_backend, path_or_url, to_device, within
 from .config import Config, resolve
 from .distributed import Ranks, SplitLoad
@@ -93,7 +94,9 @@ async def _load_located(
     progress: Progress | None,
 ) -> dict[str, torch.Tensor]:
     """Fetch every group concurrently (one engine), return tensors shard by shard in file order."""
-    return _finished(await load_raw(with_regions(located), to_device(device), verify, progress=progress), device, dtype)
+    return await finished(
+        await load_raw(with_regions(located), to_device(device), verify, progress=progress), device, dtype
+    )
 
 
 def _ranks(process_group: Any, device: Device) -> Ranks | None:
@@ -134,10 +137,18 @@ async def _split(
     total = split.share_bytes(split.union) + total_bytes({f: [n for n, _ in w] for f, w in split.alone.items()})
     with reporting(checkpoint, total, progress) as counter:
         fetched = await split.fetch(split.union, with_own_slices=True, progress=counter)
-        return await split.exchange(split.union, fetched, lambda outputs: _finished(outputs, device, dtype))
+        return await split.exchange(split.union, fetched, lambda outputs: finished(outputs, device, dtype))
 
 
-def _finished(
+async def finished(
+    outputs: Mapping[str, OutputTensor], device: Device, dtype: torch.dtype | None
+) -> dict[str, torch.Tensor]:
+    """Each output as its typed tensor on ``device`` (``finish``), the GPU work settled: on a worker thread,
+    as a cast of many GiB takes seconds, during which the IO loop keeps serving the other loads."""
+    return await off_loop(_finish_all, outputs, device, dtype)
+
+
+def _finish_all(
     outputs: Mapping[str, OutputTensor], device: Device, dtype: torch.dtype | None
 ) -> dict[str, torch.Tensor]:
     tensors = {name: finish(out, device, dtype) for name, out in outputs.items()}
@@ -313,7 +324,7 @@ async def load_file_async(
             with reporting(checkpoint, total_bytes(located), progress) as counter:
                 requests = with_regions(located, region_of)
                 outputs = await load_raw(requests, to_device(device), verify, progress=counter)
-                return _finished(outputs, device, dtype)
+                return await finished(outputs, device, dtype)
 
     return await issuing_warnings(within(cfg.timeout, f"{redact(url)}: load", load()))
 
@@ -444,7 +455,7 @@ async def _iterate(
                 ahead = begin(batches[index + 1]) if index + 1 < len(batches) else None
                 loaded: dict[str, torch.Tensor] = started
                 if split is not None:
-                    loaded = await split.exchange(batch, started, lambda outputs: _finished(outputs, device, dtype))
+                    loaded = await split.exchange(batch, started, lambda outputs: finished(outputs, device, dtype))
                 for name in list(loaded):
                     yield name, loaded.pop(name)
         finally:
@@ -551,10 +562,10 @@ async def load_model_async(
     """
     url, dtype, cfg = path_or_url(url), cast_target(dtype), resolve(config, options)
     check_backend(backend)
-    model_keys = set(model.state_dict().keys())
-    groups = tied_groups(model)
 
     async def load() -> tuple[list[str], list[str]]:
+        # Walking a module of many thousand tensors, and load_state_dict's copies, happen on a worker thread.
+        model_keys, groups = await off_loop(_model_names, model)
         ranks = _ranks(process_group, device)
         async with _together(ranks), open_files(url, cfg, storage_options, stats, to_device(device)) as checkpoint:
             in_file = await checkpoint.names()
@@ -565,11 +576,20 @@ async def load_model_async(
                 located = await checkpoint.locate(lambda name: name in model_keys)
                 with reporting(checkpoint, total_bytes(located), progress) as counter:
                     state = await _load_located(located, device, dtype, verify, counter)
-        return apply_state(
-            model, state, in_file, groups, strict=strict, assign=assign, device=to_device(device), url=url
+        return await off_loop(
+            partial(apply_state, strict=strict, assign=assign, device=to_device(device), url=url),
+            model,
+            state,
+            in_file,
+            groups,
         )
 
     return await issuing_warnings(within(cfg.timeout, f"{redact(url)}: load_model", load()))
+
+
+def _model_names(model: torch.nn.Module) -> tuple[set[str], list[list[str]]]:
+    """The names of ``model``'s state, and its groups of tied names."""
+    return set(model.state_dict().keys()), tied_groups(model)
 
 
 def load_model(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from . import errors
-from ._loop import gather_or_cancel
+from ._loop import gather_or_cancel, off_loop
 from .errors import FetchError, ObjectChangedError, StreamSTError
 from .gpu import use_device
 from .header import TensorInfo
@@ -131,7 +131,7 @@ class Fetched:
     receive: dict[str, OutputTensor] = field(default_factory=dict)  # whole tensors it asked for, to receive into
 
 
-Finish = Callable[[dict[str, OutputTensor]], dict[str, torch.Tensor]]
+Finish = Callable[[dict[str, OutputTensor]], Awaitable[dict[str, torch.Tensor]]]
 
 
 class SplitLoad:
@@ -269,7 +269,7 @@ class SplitLoad:
                         await file.verifier.check_received(self.verify, held)
             files = self.checkpoint.in_order([*part, *(f for f in self.alone if fetched.sliced)])
             both = {**received, **fetched.sliced}
-            finished = finish(
+            finished = await finish(
                 {name: both[name] for file in files for name in file.header.offset_keys() if name in both}
             )
         except Exception as exc:
@@ -296,7 +296,7 @@ class SplitLoad:
                     if full is not None and full is not piece:  # our rows of a split tensor we also keep
                         ours = full.buffer[_byte_range(share, info, pieces)]
                         if ours.data_ptr() != buffer.data_ptr():  # they did not land in place (fetch)
-                            ours.copy_(buffer)
+                            await off_loop(ours.copy_, buffer)
                 else:
                     assert full is not None
                     buffer = full.buffer[_byte_range(share, info, pieces)]

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from . import held
-from ._loop import warn_caller
+from ._loop import off_loop, warn_caller
 from .cache import open_cached
 from .errors import FetchError, ObjectChangedError, RangeIgnoredWarning, credentials_error
 from .fetch import Engine
@@ -190,17 +190,26 @@ class RemoteFile:
         progress: Progress | None,
     ) -> dict[str, OutputTensor]:
         """The tensors of ``names`` a prefetch holds, once their bytes are in: on the host they become the
-        outputs' memory as they are; on a device (or into ``into``) they are copied there."""
-        import torch
-
-        from .sinks import output_tensor
-
+        outputs' memory as they are; on a device (or into ``into``) they are copied there, on a worker thread."""
         if self._held is None or not names:
             return {}
         taken = self._held.take(names)
         results = await asyncio.gather(*(asyncio.wrap_future(f) for f in taken.values()), return_exceptions=True)
+        return await off_loop(self._adopt_prefetched, dict(zip(taken, results)), device, into, progress)
+
+    def _adopt_prefetched(
+        self,
+        results: dict[str, held.Held | BaseException],
+        device: torch.device | None,
+        into: Mapping[str, torch.Tensor] | None,
+        progress: Progress | None,
+    ) -> dict[str, OutputTensor]:
+        import torch
+
+        from .sinks import output_tensor
+
         outputs: dict[str, OutputTensor] = {}
-        for name, result in zip(taken, results):
+        for name, result in results.items():
             if isinstance(result, held.PrefetchCancelledError):
                 continue  # fetched by this load instead
             if isinstance(result, BaseException):
