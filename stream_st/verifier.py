@@ -251,15 +251,10 @@ class _Once(Generic[T]):
         self._future: asyncio.Future[T] | None = None
 
     async def get(self) -> T:
-        if self._future is None:
-            self._future = asyncio.ensure_future(self._make())
         future = self._future
-        try:
-            return await asyncio.shield(future)  # one load's cancel does not cancel it for the others
-        except BaseException:
-            if future.done() and (future.cancelled() or future.exception() is not None) and self._future is future:
-                self._future = None
-            raise
+        if future is None or (future.done() and (future.cancelled() or future.exception() is not None)):
+            future = self._future = asyncio.ensure_future(self._make())
+        return await asyncio.shield(future)  # one load's cancel does not cancel it for the others
 
 
 def _tensors(

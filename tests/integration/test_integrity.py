@@ -233,3 +233,18 @@ def test_a_file_reads_its_sidecar_once(served: Any) -> None:
         f.get_tensor("model.layers.0.mlp.up_proj.weight")  # untouched
         with pytest.raises(IntegrityError, match="tensor 'lm_head.weight' has sha256"):
             f.get_tensor("lm_head.weight")
+
+
+def test_a_sidecar_that_failed_to_arrive_is_asked_for_again(served: Any) -> None:
+    """A sidecar read that failed (retries exhausted) fails that call only; the handle's next call reads it."""
+    server, folder = served
+    path = folder / "model.safetensors"
+    assert main(["digest", str(path), "--output-dir", str(folder)]) == 0
+    expected = safetensors.torch.load_file(str(path))
+    with sst.safe_open(server.url("model.safetensors"), framework="pt", verify="strict", retries=0) as f:
+        server.reset()
+        server.quirks.status_once = [503]  # the next request: the sidecar's
+        with pytest.raises(sst.FetchError):
+            f.get_tensor("lm_head.weight")
+        assert_same({"lm_head.weight": f.get_tensor("lm_head.weight")}, {"lm_head.weight": expected["lm_head.weight"]})
+    assert [r.status for r in server.gets("model.safetensors.sha256.json")] == [503, 206]
