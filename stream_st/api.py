@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ._loop import close_soon, issuing_warnings, off_loop, run_sync
-from .arguments import Device, cast_target, check_backend, path_or_url, to_device, within
+from .arguments import Device, cast_target, path_or_url, to_device, with_backend, within
 from .config import Config, resolve
 from .distributed import Ranks, SplitLoad
 from .fetch import Engine, Stats
@@ -311,7 +311,7 @@ async def load_file_async(
         >>> state = stream_st.load_file("https://host/model.safetensors", tensors=["model.layers.0.*"])
     """
     url, dtype, cfg = path_or_url(url), cast_target(dtype), resolve(config, options)
-    check_backend(backend)
+    cfg = with_backend(cfg, backend)
 
     async def load() -> dict[str, torch.Tensor]:
         ranks = _ranks(process_group, device)
@@ -391,7 +391,7 @@ async def iter_tensors_async(
     ``timeout=``, each step (the wait for the next tensor) must finish within it.
     """
     url, dtype, cfg = path_or_url(url), cast_target(dtype), resolve(config, options)
-    check_backend(backend)
+    cfg = with_backend(cfg, backend)
     steps = _iterate(url, device, tensors, dtype, storage_options, cfg, progress, stats, verify, process_group)
     issued: set[str] = set()  # each warning once per iteration, not once per batch
     try:
@@ -561,7 +561,7 @@ async def load_model_async(
             message), tied copies differ, or a parameter or buffer would stay on ``meta``.
     """
     url, dtype, cfg = path_or_url(url), cast_target(dtype), resolve(config, options)
-    check_backend(backend)
+    cfg = with_backend(cfg, backend)
 
     async def load() -> tuple[list[str], list[str]]:
         # Walking a module of many thousand tensors, and load_state_dict's copies, happen on a worker thread.

@@ -10,13 +10,14 @@ from typing import TypeVar
 
 import torch
 
+from .config import Config
 from .dtypes import CAST_NAMES
 from .errors import ConfigError
 
 Device = str | int | torch.device
 T = TypeVar("T")
 
-BACKENDS = ("mmap", "pread")  # safetensors' names; stream_st reads local files with positional reads either way
+BACKENDS = ("mmap", "pread")  # safetensors' names (config.py: memory_map)
 
 
 def path_or_url(url: str | os.PathLike[str]) -> str:
@@ -46,11 +47,15 @@ def cast_target(dtype: torch.dtype | str | None) -> torch.dtype | None:
     )
 
 
-def check_backend(backend: str | None) -> None:
-    """safetensors' ``backend=``: "mmap" or "pread" (the same positional reads here), else its error."""
-    if backend is not None and backend not in BACKENDS:
+def with_backend(config: Config, backend: str | None) -> Config:
+    """safetensors' ``backend=``: ``"mmap"`` maps local files too (``memory_map="all"``), ``"pread"`` reads
+    every byte into memory the tensors own (``"never"``); anything else is safetensors' error."""
+    if backend is None:
+        return config
+    if backend not in BACKENDS:
         expected = ", ".join(f'"{name}"' for name in BACKENDS)
         raise ConfigError(f'backend "{backend}" is invalid (expected one of: {expected})')
+    return config.replace(memory_map="all" if backend == "mmap" else "never")
 
 
 def to_device(device: Device) -> torch.device:

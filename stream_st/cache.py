@@ -326,6 +326,7 @@ class Entry:
                 self.direct = None
         self._have: list[tuple[int, int]] = []
         self._map_size = -1
+        self._mapping: Any = None  # mapping.map_file of ``data``, made on first use
         self._mutex = threading.Lock()
         self.wrote = False
         self.unsynced = False
@@ -363,6 +364,19 @@ class Entry:
         self.refresh()
         with self._mutex:
             return _segments(self._have, start, end)
+
+    def mapped(self, start: int, end: int) -> Any | None:
+        """The data file mapped copy-on-write (made once), if bytes [start, end) are all in it. Safe to
+        hand out as tensor memory: a recorded range is never rewritten, and replacing or evicting an entry
+        only unlinks its files, which leaves existing maps intact."""
+        with self._mutex:  # the ranges known since the probe: a range another process adds later is read
+            if _segments(self._have, start, end) != [(start, end, True)]:
+                return None
+            if self._mapping is None:
+                from .mapping import map_file
+
+                self._mapping = map_file(self.data, self.size)
+            return self._mapping
 
     def cached_prefix(self, length: int) -> bytes:
         """The object's first bytes, up to ``length``, as far as the cache holds them contiguously."""
@@ -434,13 +448,36 @@ def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
 # --- the background writer and syncer --------------------------------------------------------------------
 
 
-class _Writer:
-    """Writes cache bytes: buffered ones at once; whole blocks copied into one of at most ``_BOUNCES`` aligned
-    buffers and written with O_DIRECT by daemon threads, each range recorded once it is on the disk. The copy
-    frees the caller's memory at once (a pinned slot can be reused); the buffers bound what is queued."""
+class _Pending:
+    """The writes a stream queued straight from its caller's memory: it waits for them before it is closed,
+    after which that memory is the caller's again (a tensor returned to the user, a slot reused, or freed)."""
 
     def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[tuple[Entry, int, memoryview, int]] = queue.SimpleQueue()
+        self._count = 0
+        self._changed = threading.Condition()
+
+    def change(self, by: int) -> None:
+        with self._changed:
+            self._count += by
+            self._changed.notify_all()
+
+    def wait(self) -> None:
+        with self._changed:
+            while self._count:
+                self._changed.wait()
+
+
+class _Writer:
+    """Writes cache bytes: buffered ones at once; whole blocks with O_DIRECT by daemon threads, each range
+    recorded once it is on the disk. Blocks whose memory is aligned like the file (``sinks.output_tensor``
+    places outputs so while a cache entry is written) are written from that memory, and the stream waits
+    for them when it closes; others are first copied into one of at most ``_BOUNCES`` aligned buffers, which
+    frees the caller's memory at once (a pinned slot can be reused) and bounds what is queued."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Entry, int, memoryview, memoryview | None, _Pending | None]] = (
+            queue.SimpleQueue()
+        )
         self._free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
         self._made = 0
         self._lock = threading.Lock()
@@ -450,9 +487,10 @@ class _Writer:
         for n in range(_WRITER_THREADS):
             threading.Thread(target=self._run, name=f"stream_st-cache-{n}", daemon=True).start()
 
-    def write(self, entry: Entry, offset: int, view: memoryview) -> list[tuple[int, int]]:
+    def write(self, entry: Entry, offset: int, view: memoryview, pending: _Pending) -> list[tuple[int, int]]:
         """Write ``view`` at ``offset`` of ``entry``; return the ranges already written (the caller records
-        them); the whole blocks are recorded by the writer threads when written."""
+        them); the whole blocks are recorded by the writer threads when written. Writes made from ``view``
+        itself are counted in ``pending``."""
         end = offset + len(view)
         first, last = _round_up(offset), end // _BLOCK * _BLOCK
         if entry.direct is None or len(view) < _WRITE_NOW_BELOW or last - first < _BLOCK:
@@ -460,17 +498,27 @@ class _Writer:
             return [(offset, end)]
         _pwrite_all(entry.data, view[: first - offset], offset)
         _pwrite_all(entry.data, view[last - offset :], last)
+        blocks = view[first - offset : last - offset]
+        if not blocks.readonly and _address(blocks) % _BLOCK == 0:
+            pending.change(+1)
+            self._queue(entry, first, blocks, None, pending)  # no copy: the memory is aligned like the file
+            return [(offset, first), (last, end)]
         at = first
         while at < last:
             bounce = self._bounce()
             size = min(len(bounce), last - at)
             _copy(bounce, view[at - offset : at - offset + size])  # the copy O_DIRECT's alignment costs
-            entry.pending(+1)
-            with self._lock:
-                self._queued += 1
-            self._jobs.put((entry, at, bounce, size))
+            self._queue(entry, at, bounce[:size], bounce, None)
             at += size
         return [(offset, first), (last, end)]
+
+    def _queue(
+        self, entry: Entry, at: int, memory: memoryview, bounce: memoryview | None, pending: _Pending | None
+    ) -> None:
+        entry.pending(+1)
+        with self._lock:
+            self._queued += 1
+        self._jobs.put((entry, at, memory, bounce, pending))
 
     def _bounce(self) -> memoryview:
         with self._lock:
@@ -480,15 +528,19 @@ class _Writer:
 
     def _run(self) -> None:
         while True:
-            entry, at, bounce, size = self._jobs.get()
+            entry, at, memory, bounce, pending = self._jobs.get()
             try:
                 assert entry.direct is not None
-                _pwrite_all(entry.direct, bounce[:size], at)
-                entry.record([(at, at + size)])
+                _pwrite_all(entry.direct, memory, at)
+                entry.record([(at, at + len(memory))])
             except OSError as exc:
                 logger.warning("cache: could not write to %s: %s", entry.folder, exc)
             finally:
-                self._free.put(bounce)
+                del memory
+                if bounce is not None:
+                    self._free.put(bounce)
+                if pending is not None:
+                    pending.change(-1)
                 entry.pending(-1)
                 with self._lock:
                     self._queued -= 1
@@ -620,6 +672,10 @@ class CachingSource(Source):
         self._pinned: str | None = None
 
     @property
+    def aligned_destinations(self) -> bool:  # type: ignore[override]
+        return self.entry is not None and self.entry.writing and self.entry.direct is not None
+
+    @property
     def version_is_global(self) -> bool:  # type: ignore[override]
         return self.local is None and (self.inner is None or self.inner.version_is_global)
 
@@ -727,6 +783,11 @@ class CachingSource(Source):
             return f"tensor(s) {shown} are"
         return "bytes " + ", ".join(f"{a}-{b - 1}" for a, b in missing[:5]) + " are"
 
+    def mapped(self, start: int, end: int) -> Any | None:
+        if self.local is not None:
+            return self.local.mapped(start, end)
+        return self.entry.mapped(start, end) if self.entry is not None else None
+
     def published_digest(self) -> Digest | None:
         return self.inner.published_digest() if self.inner is not None else None
 
@@ -772,6 +833,7 @@ class _CachedStream:
         self._position = self._current[0] if self._current else 0
         self._inner: ByteStream | None = None
         self._written: list[tuple[int, int]] = []
+        self._pending = _Pending()  # writes made from the caller's memory: done before close returns
 
     def readinto(self, buffer: memoryview) -> int:
         while self._current is not None and self._position >= self._current[1]:
@@ -805,7 +867,7 @@ class _CachedStream:
         if not self._entry.writing:
             return  # another load writes this entry right now: it will hold these bytes
         try:
-            self._written += _background()[0].write(self._entry, offset, view)
+            self._written += _background()[0].write(self._entry, offset, view, self._pending)
         except OSError as exc:
             logger.warning("cache: could not write to %s: %s", self._entry.folder, exc)
 
@@ -818,6 +880,7 @@ class _CachedStream:
         try:
             self._finish_inner(reusable=reusable and self._current is not None and self._position >= self._current[1])
         finally:
+            self._pending.wait()  # the caller's memory may be handed out, reused or freed once this returns
             try:
                 self._entry.record(self._written)  # written (or copied for the writer) before this returns
             except OSError as exc:

@@ -10,13 +10,16 @@ import threading
 import time
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .dtypes import CAST_NAMES
 from .errors import ConfigError
 from .location import scrub
+
+if TYPE_CHECKING:
+    from .header import Header
+    from .plan import Want
 
 EXAMPLES = {
     "inspect": (
@@ -36,6 +39,19 @@ EXAMPLES = {
         "  aws s3 cp sidecars/ s3://bucket/model/ --recursive    # next to the files they describe"
     ),
     "demo": "stream-st demo",
+}
+
+# Longer descriptions, for the subcommands whose one-line help does not say what their numbers mean.
+DETAILS = {
+    "bench": (
+        "raw ranged GETs: the requests load_file makes (header reads, then the tensor bytes in the same parts),\n"
+        "sent by stream_st's own engine and sources (same connections, concurrency and retries), but read into\n"
+        "one reused scratch buffer per thread instead of tensors: the ceiling of this client on this network.\n"
+        "stream_st.load_file: the same checkpoint loaded into CPU tensors. GB/s: bytes received (raw) or tensor\n"
+        "bytes (load_file) per second. The ratio, load_file's seconds over the raw read's (last: their medians\n"
+        "over --repeats runs), is what allocation, copies and torch add to the transfer; near 1.00× the network\n"
+        "or the server is the limit."
+    ),
 }
 
 
@@ -189,55 +205,49 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 
 async def _raw_read(url: str, storage_options: dict[str, Any] | None) -> tuple[float, int, bool]:
-    """The same parts stream_st would fetch, read with the same connections into one reused scratch
-    buffer per thread: the network ceiling as this client sees it, without tensors or allocation."""
+    """The requests ``load_file`` makes (header reads, then the tensor bytes they did not hold), sent by the
+    engine that sends them (same sources, connections, parts, retries, every file at once) but read into
+    one reused scratch buffer per worker thread instead of tensors: the network ceiling as this client
+    sees it, without allocation, copies or torch. Returns seconds, bytes received, and whether every
+    server honoured Range."""
+    from ._loop import gather_or_cancel
+    from .api import open_files
     from .config import Config
-    from .fetch import Engine
-    from .plan import Want, plan_parts
-    from .remote import RemoteFile
 
     config = Config.from_env()
-    engine = Engine(config)
+    scratch = threading.local()
+
+    def into_scratch(_: object) -> memoryview:  # called on the worker thread that reads the part
+        buffer: memoryview | None = getattr(scratch, "buffer", None)
+        if buffer is None:
+            buffer = scratch.buffer = memoryview(bytearray(config.part_size))
+        return buffer
+
     started = time.perf_counter()
-    total = 0
-    ranges = True
-    try:
-        for shard in await _shard_urls(url, engine, storage_options):
-            file = await RemoteFile.open(shard, engine, storage_options)
-            ranges = ranges and file.source.ranges
-            try:
-                wants = [Want(t.name, t.start, t.end) for t in file.header]
-                parts = plan_parts(wants, max_gap=config.max_gap, part_size=config.part_size)
-                local = threading.local()
-
-                def read(part: Any, source: Any = file.source, local: threading.local = local) -> int:
-                    scratch = getattr(local, "buffer", None)
-                    if scratch is None:
-                        scratch = local.buffer = memoryview(bytearray(config.part_size))
-                    stream = source.open_range(part.start, part.end)
-                    view, got = scratch[: part.size], 0
-                    while got < part.size:
-                        n = stream.readinto(view[got:])
-                        if not n:
-                            raise OSError(f"{source.url}: body ended early")
-                        got += n
-                    stream.close(reusable=True)
-                    return got
-
-                with ThreadPoolExecutor(config.max_concurrency) as pool:
-                    total += sum(pool.map(read, parts))
-            finally:
-                file.close()
-    finally:
-        engine.close()
-    return time.perf_counter() - started, total, ranges
+    async with open_files(url, config, storage_options) as checkpoint:
+        files = await checkpoint.files(checkpoint.shards)
+        fetch = checkpoint.engine.fetch
+        reads = [
+            fetch(f.source, _scratch_wants(f.header, len(f.fetched_prefix()), config.part_size), into_scratch)
+            for f in files
+        ]
+        await gather_or_cancel(*reads)
+        seconds, total = time.perf_counter() - started, checkpoint.engine.stats.bytes
+    return seconds, total, all(file.source.ranges for file in files)
 
 
-async def _shard_urls(url: str, engine: Any, storage_options: dict[str, Any] | None) -> list[str]:
-    from .shards import open_checkpoint
+def _scratch_wants(header: Header, have: int, part_size: int) -> list[Want]:
+    """Every tensor's bytes from byte ``have`` on (those before came with the header), as spans of at most
+    ``part_size`` that each land at offset 0 of the scratch buffer. The engine plans the same parts from
+    them as from whole tensors (contiguous spans coalesce), and no byte lands past ``part_size``."""
+    from .plan import Want
 
-    checkpoint = await open_checkpoint(url, engine, storage_options)
-    return list(checkpoint.shards)
+    spans = [(t.name, max(t.start, have), t.end) for t in header]
+    return [
+        Want((name, at), at, min(at + part_size, end))
+        for name, start, end in spans
+        for at in range(start, end, part_size)
+    ]
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -271,25 +281,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 async def _digest(url: str, storage_options: dict[str, Any] | None) -> list[tuple[str, str]]:
-    """Stream each file of the checkpoint once; return (file URL, sidecar JSON) pairs."""
-    import hashlib
-
+    """Stream each file of the checkpoint once; return (file URL, sidecar JSON) pairs, hashed by the code
+    that checks them (``Sidecar.of_file``), so that what this writes is what ``verify=`` expects."""
     from .api import open_files
     from .config import Config
-    from .integrity import Sidecar
-    from .sinks import writable_view
+    from .integrity import Memory, Sidecar
 
     sidecars = []
     async with open_files(url, Config.from_env(), storage_options) as checkpoint:
         for file in await checkpoint.files(checkpoint.shards):
-            hosts = await file.load((name, None) for name in file.header.offset_keys())
-            whole = hashlib.sha256(file.header_bytes())
-            tensors = {}
-            for name in file.header.offset_keys():
-                view = writable_view(hosts.pop(name).buffer)
-                whole.update(view)
-                tensors[name] = hashlib.sha256(view).hexdigest()
-            sidecar = Sidecar(whole.hexdigest(), file.header.file_size, tensors)
+            header = file.header
+            outputs = await file.load((name, None) for name in header.offset_keys())
+            views = {name: out.view() for name, out in outputs.items()}
+            segments: list[tuple[int, int, Memory]] = [(0, header.data_start, file.header_bytes())]
+            segments += [(t.start, t.end, views[t.name]) for t in header if t.nbytes]
+            tensors = [(name, header.tensors[name].nbytes, views[name]) for name in header.offset_keys()]
+            sidecar = Sidecar.of_file(file.url, header.file_size, segments, tensors)
+            del outputs, views, segments, tensors  # before the next file lands
             sidecars.append((file.url, sidecar.dumps()))
     return sidecars
 
@@ -344,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(
             name,
             help=help_text,
-            description=help_text,
+            description=f"{help_text}\n\n{DETAILS[name]}" if name in DETAILS else help_text,
             epilog=f"example:\n  {EXAMPLES[name]}",
             formatter_class=argparse.RawTextHelpFormatter,
         )
@@ -376,7 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
     digest.add_argument("--output-dir", default=".", help="where to write the sidecars (default: here)")
     digest.set_defaults(run=cmd_digest)
     bench = command("bench", "stream_st against a raw ranged-GET read of the same bytes, as a ratio")
-    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="runs of both reads (default 3); the ratio of their medians is printed last",
+    )
     bench.set_defaults(run=cmd_bench)
     command("demo", "serve a small checkpoint on 127.0.0.1, stream it, check it against safetensors").set_defaults(
         run=cmd_demo

@@ -324,23 +324,11 @@ _BUILDERS: Mapping[str, Callable[[str, Any, str, ConnectionPool], SignedSource]]
 }
 
 
-def _azure(url: str, options: Mapping[str, Any], pool: ConnectionPool) -> SignedSource | None:
-    """az://, abfs[s]:// and https://ACCOUNT.blob.core.windows.net/... (azure.py); None: adlfs or plain HTTP."""
-    from .azure import azure_source
-
-    return azure_source(url, options, pool)
-
-
 # Sources built without the protocol's fsspec filesystem when the options allow (None: they do not).
 _WITHOUT_FSSPEC: Mapping[str, Callable[[str, Mapping[str, Any], ConnectionPool], SignedSource | None]] = {
     "s3": _s3_by_botocore,
     "s3a": _s3_by_botocore,
     "hf": _hub_direct,
-    "az": _azure,
-    "abfs": _azure,
-    "abfss": _azure,
-    "http": _azure,
-    "https": _azure,
 }
 
 

@@ -12,6 +12,7 @@ from typing import Any
 from .errors import ConfigError
 
 MiB = 1 << 20
+MEMORY_MAP_CHOICES = ("cache", "all", "never")
 ENV_PREFIX = "STREAM_ST_"
 
 
@@ -72,6 +73,13 @@ class Config:
         cache_max_bytes: evict least recently used cache entries past this many bytes on disk; None: no cap.
         offline: use only the cache (``cache_dir``, and huggingface_hub's cache for hf://); what is not
             there raises NotCachedError. ``HF_HUB_OFFLINE=1`` does the same for hf:// URLs.
+        memory_map: host tensors whose bytes are already in a local file are made over a copy-on-write map
+            of that file instead of a copy, as safetensors' default ``backend="mmap"`` does (pages are read
+            when first touched; writes stay private). ``"cache"`` (default): complete ranges of a cache entry
+            and files of huggingface_hub's cache, which are never rewritten in place. ``"all"``: local paths
+            too; as with safetensors, a file truncated while its tensors live then kills the process with
+            SIGBUS, and one rewritten in place changes them. ``"never"``: tensors own their memory.
+            ``load_file(backend="mmap")`` means ``"all"``, ``backend="pread"`` ``"never"``.
     """
 
     max_concurrency: int = 8
@@ -95,6 +103,7 @@ class Config:
     cache_dir: str | None = None
     cache_max_bytes: int | None = None
     offline: bool = False
+    memory_map: str = "cache"
 
     def __post_init__(self) -> None:
         positive = (
@@ -122,6 +131,8 @@ class Config:
             raise ConfigError(f"config cache_max_bytes must be > 0 or None, got {self.cache_max_bytes!r}")
         if self.cache_dir is not None:
             object.__setattr__(self, "cache_dir", os.fspath(self.cache_dir) or None)  # a Path is welcome
+        if self.memory_map not in MEMORY_MAP_CHOICES:
+            raise ConfigError(f"config memory_map must be one of {MEMORY_MAP_CHOICES}, got {self.memory_map!r}")
         if self.timeout is not None and self.timeout <= 0:
             raise ConfigError(f"config timeout must be > 0 or None, got {self.timeout!r}")
 
@@ -162,7 +173,7 @@ def _boolean(raw: str) -> bool:
 
 _OPTIONAL_FIELDS = frozenset({"timeout", "prefetch_max_bytes", "early_start", "cache_dir", "cache_max_bytes"})
 _BOOL_FIELDS = frozenset({"direct_http", "early_start", "offline"})
-_KINDS: dict[str, Callable[[str], Any]] = {"cache_dir": str}
+_KINDS: dict[str, Callable[[str], Any]] = {"cache_dir": str, "memory_map": str}
 _FLOAT_FIELDS = frozenset({"backoff_base", "backoff_max", "stall_timeout", "connect_timeout", "timeout"})
 
 

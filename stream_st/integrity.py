@@ -175,11 +175,15 @@ class OrderedHasher:
             if stop == seg_end:
                 self._next_segment += 1
 
-    def check(self) -> None:
-        """Raise IntegrityError unless every byte was hashed and the digest matches."""
+    def digest(self) -> bytes:
+        """The digest of every byte; IntegrityError if some were not hashed (segments short of ``size``)."""
         if self.frontier != self.size:
             raise IntegrityError(f"{self.url}: only {self.frontier} of {self.size} bytes were hashed", url=self.url)
-        got = self.hasher.digest()
+        return self.hasher.digest()
+
+    def check(self) -> None:
+        """Raise IntegrityError unless every byte was hashed and the digest matches."""
+        got = self.digest()
         if got != self.expected.value:
             raise IntegrityError(
                 f"{self.url}: {self.expected.algorithm} of the streamed bytes is {got.hex()}, but "
@@ -196,6 +200,17 @@ class Sidecar:
     file_sha256: str
     size: int
     tensors: dict[str, str]
+
+    @classmethod
+    def of_file(
+        cls, url: str, size: int, segments: list[tuple[int, int, Memory]], tensors: Iterable[tuple[str, int, Memory]]
+    ) -> Sidecar:
+        """The sidecar of a file whose bytes are all in memory (``stream-st digest``), hashed by the code that
+        checks it: the whole file as ``OrderedHasher`` hashes a verified load (``segments`` as it takes them,
+        covering [0, size) once), each tensor (name, size, memory) as ``check_tensors`` does."""
+        whole = OrderedHasher(url, size, Digest("sha256", b"", "nobody: computed, not checked"), segments)
+        whole.landed(0, size)
+        return cls(whole.digest().hex(), size, {name: tensor_sha256(memory, n) for name, n, memory in tensors})
 
     @classmethod
     def parse(cls, raw: bytes, url: str) -> Sidecar:
@@ -244,15 +259,20 @@ def _is_sha256(value: object) -> bool:
     return isinstance(value, str) and re.fullmatch(r"[0-9a-fA-F]{64}", value) is not None
 
 
+def tensor_sha256(memory: Memory, size: int) -> str:
+    """The hex sha256 of a tensor's ``size`` bytes: what a sidecar holds for it."""
+    hasher = hashlib.sha256()
+    feed(hasher, memory, 0, size)
+    return hasher.hexdigest()
+
+
 def check_tensors(url: str, sidecar: Sidecar, tensors: Iterable[tuple[str, int, Memory]]) -> None:
     """Compare each tensor's bytes (name, size, memory) with its sha256 in the sidecar."""
     for name, size, memory in tensors:
         expected = sidecar.tensors.get(name)
         if expected is None:
             raise IntegrityError(f"{url}: the sidecar has no digest for tensor {name!r}", url=url, tensor=name)
-        hasher = hashlib.sha256()
-        feed(hasher, memory, 0, size)
-        got = hasher.hexdigest()
+        got = tensor_sha256(memory, size)
         if got != expected.lower():
             raise IntegrityError(
                 f"{url}: tensor {name!r} has sha256 {got}, but the sidecar says {expected.lower()}",

@@ -15,10 +15,11 @@ from .fetch import Engine
 from .header import LENGTH_PREFIX, Header, TensorInfo, declared_header_size, parse_header
 from .integrity import VerifyOption
 from .location import redact
+from .opening import open_source
 from .plan import Want
 from .progress import Progress
 from .regions import Region
-from .sources import Probe, Source, open_source
+from .sources import LocalSource, Probe, Source
 from .verifier import Verifier
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: opening a file and reading headers need none
@@ -131,6 +132,11 @@ class RemoteFile:
         landing = device if staged else None
         unsliced = [name for name, region in requested if region is None]
         outputs = await self._take_prefetched(unsliced, landing, into, progress)
+        if landing is None:
+            mapped = await self.engine.run(self._take_mapped, [name for name in unsliced if name not in outputs], into)
+            outputs.update(mapped)
+            if progress is not None and mapped:
+                progress.advance(sum(out.buffer.numel() for out in mapped.values()))
         prefetched = [(self.header.tensors[name].start, self.header.tensors[name].end) for name in outputs]
         wants = self._allocate(requested, landing, into, outputs, progress)
         check = await self.verifier.begin(verify, outputs, {name for name, region in requested if region}, staged)
@@ -175,7 +181,8 @@ class RemoteFile:
             given = (into or {}).get(name)
             if given is not None and given.device != (device or torch.device("cpu")):
                 given = None  # e.g. a server without ranges: the bytes land in host memory first
-            out = output_tensor(info, shape, url=self.url, device=device, buffer=given)
+            aligned = info.start if region is None and self.source.aligned_destinations else None
+            out = output_tensor(info, shape, url=self.url, device=device, buffer=given, aligned_with=aligned)
             outputs[name] = out
             spans = region.spans(info) if region else [(info.start, info.end, 0)]
             for start, end, offset in spans:
@@ -229,6 +236,25 @@ class RemoteFile:
             outputs[name] = output_tensor(info, info.shape, url=self.url, buffer=memory)
             if progress is not None:
                 progress.advance(result.nbytes)
+        return outputs
+
+    def _take_mapped(self, names: list[str], into: Mapping[str, torch.Tensor] | None) -> dict[str, OutputTensor]:
+        """Host outputs over a copy-on-write map of the local file that already holds their bytes (a complete
+        cache range, or a local path with ``memory_map="all"``): nothing to read or copy (mapping.py)."""
+        import torch
+
+        from .sinks import output_tensor
+
+        mode = self.engine.config.memory_map
+        if mode == "never" or (mode == "cache" and isinstance(self.source, LocalSource)):
+            return {}
+        outputs: dict[str, OutputTensor] = {}
+        for name in names:
+            info = self.header.tensors[name]
+            memory = self.source.mapped(info.start, info.end) if info.nbytes and name not in (into or {}) else None
+            if memory is not None:
+                buffer = torch.frombuffer(memory, dtype=torch.uint8, count=info.nbytes, offset=info.start)
+                outputs[name] = output_tensor(info, info.shape, url=self.url, buffer=buffer)
         return outputs
 
     async def _fetch_to_device(

@@ -11,7 +11,7 @@ import torch
 
 from ._loop import gather_or_cancel, off_loop, run_sync
 from .api import check_verify, finish, finished, settle
-from .arguments import Device, cast_target, check_backend, path_or_url, to_device, within
+from .arguments import Device, cast_target, path_or_url, to_device, with_backend, within
 from .config import Config, resolve
 from .errors import HandleClosedError
 from .fetch import Engine
@@ -44,11 +44,10 @@ class AsyncSafeOpen:
     ) -> None:
         if framework not in ("pt", "torch", "pytorch"):
             raise ValueError(f"framework {framework!r} is not supported; stream_st loads torch tensors ('pt')")
-        check_backend(backend)
         # Resolved here, on the caller's thread: "cuda" means the GPU current there (see arguments.to_device).
         self._url, self._device, self._dtype = path_or_url(url), to_device(device), cast_target(dtype)
         self._storage_options, self._verify = storage_options, verify
-        self._config = resolve(config, options)
+        self._config = with_backend(resolve(config, options), backend)
         self._engine: Engine | None = None
         self._checkpoint: Checkpoint | None = None
         self._names: list[str] = []

@@ -12,6 +12,9 @@ from .dtypes import to_torch, torch_shape
 from .errors import UnsupportedDtypeError
 from .header import TensorInfo
 
+BLOCK = 4096  # the file system block O_DIRECT writes align to (cache.py)
+ALIGN_FROM = 1 << 20  # smaller outputs are written to the cache with plain writes anyway
+
 
 @dataclass
 class OutputTensor:
@@ -38,9 +41,12 @@ def output_tensor(
     url: str,
     device: torch.device | None = None,
     buffer: torch.Tensor | None = None,
+    aligned_with: int | None = None,
 ) -> OutputTensor:
     """Allocate an output of ``shape`` for (part of) ``info`` on ``device`` (default: host memory), after
-    the header was validated; or use ``buffer``, flat uint8 memory of that size (a slice of a larger output)."""
+    the header was validated; or use ``buffer``, flat uint8 memory of that size (a slice of a larger output).
+    ``aligned_with``: the object offset of the output's first byte, when the bytes will also be written to a
+    file at that offset (a cache entry): large host outputs are then placed block-aligned like the file."""
     dtype = to_torch(info.dtype)
     if dtype is None:
         raise UnsupportedDtypeError(
@@ -61,7 +67,17 @@ def output_tensor(
     if buffer is not None:
         assert buffer.dtype == torch.uint8 and buffer.numel() == nbytes, (info.name, buffer.numel(), nbytes)
         return OutputTensor(buffer, dtype, shape)
+    if aligned_with is not None and device is None and nbytes >= ALIGN_FROM and aligned_with % dtype.itemsize == 0:
+        return OutputTensor(_aligned(nbytes, aligned_with), dtype, shape)
     return OutputTensor(torch.empty(nbytes, dtype=torch.uint8, device=device), dtype, shape)
+
+
+def _aligned(nbytes: int, offset: int) -> torch.Tensor:
+    """``nbytes`` of host memory whose address agrees with ``offset`` modulo ``BLOCK``, so that whole blocks of
+    a file written from it need no aligned copy (``O_DIRECT``; cache.py). Costs < 4 KiB per tensor."""
+    raw = torch.empty(nbytes + BLOCK - 1, dtype=torch.uint8)
+    skip = (offset - raw.data_ptr()) % BLOCK
+    return raw[skip : skip + nbytes]
 
 
 def writable_view(tensor: torch.Tensor) -> memoryview:

@@ -48,6 +48,9 @@ class Source(ABC):
     size: int | None = None
     version: str | None = None
     ranges: bool = True
+    # Whether host destinations should be block-aligned like the object (a cache entry being written: its
+    # whole blocks then go to disk straight from them).
+    aligned_destinations = False
     # Whether every machine reading this URL sees the same version string (an ETag, a generation); not
     # for local paths, whose inode and mtime differ between copies of one file on different nodes.
     version_is_global = True
@@ -72,6 +75,11 @@ class Source(ABC):
 
     def check_unchanged(self) -> None:  # noqa: B027 - optional hook; most sources check on every request
         """Raise ObjectChangedError if the object is known to have changed since ``probe``."""
+
+    def mapped(self, start: int, end: int) -> Any | None:
+        """After ``probe``: a copy-on-write map of a local file holding the object's bytes at their own
+        offsets, if bytes [start, end) are all in it (mapping.py); else None (read them)."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release what the source holds (file descriptors)."""
@@ -225,6 +233,7 @@ class LocalSource(Source):
         self.path = where.local_path or url
         self._fd: int | None = None
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) the probe saw
+        self._mapping: Any = None  # mapping.map_file of the whole file, made on first use
 
     def _reopen(self) -> int:
         """Open the path without blocking (a FIFO would wait for a writer), check it is a regular file
@@ -261,6 +270,18 @@ class LocalSource(Source):
     def open_range(self, start: int, end: int) -> _FileRange:
         assert self._identity is not None, "probe() first"
         return _FileRange(self, _open_files.use(self), start, end)
+
+    def mapped(self, start: int, end: int) -> Any | None:
+        assert self._identity is not None, "probe() first"
+        if self._mapping is None and self.size:
+            from .mapping import map_file
+
+            fd = _open_files.use(self)  # the descriptor of the probed inode (a reopen checks it)
+            try:
+                self._mapping = map_file(fd, self.size)
+            finally:
+                _open_files.done(self)
+        return self._mapping
 
     def check_unchanged(self) -> None:
         fd = _open_files.use(self)
@@ -340,31 +361,3 @@ class FsspecSource(Source):
                 end=end,
             )
         return _BytesRange(data)  # a short answer surfaces as IncompleteReadError where the part is read
-
-
-def open_source(
-    url: str, pool: ConnectionPool, storage_options: Mapping[str, Any] | None = None, *, direct: bool = True
-) -> Source:
-    """The source for ``url``: http(s), s3, gs and hf on the threaded data plane (``direct``), local files
-    by path, anything else through fsspec's ``cat_file``."""
-    options = dict(storage_options or {})
-    scheme = Location.parse(url).scheme
-    if scheme in ("http", "https"):
-        if direct and ".blob." in url.split("/", 3)[2]:  # https://ACCOUNT.blob.core.windows.net/...: signed
-            from .cloud import cloud_source
-
-            azure = cloud_source(url, scheme, options, pool)
-            if azure is not None:
-                return azure
-        headers = dict(options.get("headers") or {})
-        headers.update((options.get("client_kwargs") or {}).get("headers") or {})
-        return HttpSource(url, pool, headers)
-    if scheme in ("", "file", "local"):
-        return LocalSource(url[len("local://") :] if scheme == "local" else url)
-    if direct:
-        from .cloud import cloud_source
-
-        source = cloud_source(url, scheme, options, pool)
-        if source is not None:
-            return source
-    return FsspecSource(url, options)

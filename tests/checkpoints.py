@@ -104,3 +104,14 @@ def sharded_reference(folder: Path) -> dict[str, torch.Tensor]:
     for shard in sorted(folder.glob("*.safetensors")):
         state.update(safetensors.torch.load_file(str(shard)))
     return state
+
+
+def mapping_of(tensor: torch.Tensor) -> str | None:
+    """The file whose map holds the tensor's memory (/proc/self/maps), or None for anonymous memory."""
+    address = tensor.data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        low, high = (int(x, 16) for x in fields[0].split("-"))
+        if low <= address < high:
+            return fields[5].removesuffix(" (deleted)") if len(fields) == 6 and fields[5].startswith("/") else None
+    raise AssertionError(f"{address:#x} is not mapped")

@@ -4,6 +4,7 @@ offline mode, the LRU cap, huggingface_hub's cache, and the CLI, against the rea
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import safetensors.torch
 import torch
 
 import stream_st as sst
-from checkpoints import assert_same, layered_state, write
+from checkpoints import assert_same, layered_state, mapping_of, write
 from servers import RangeServer
 from stream_st import cache, gpu
 from stream_st.errors import NotCachedError
@@ -78,10 +79,12 @@ def test_second_load_transfers_no_weight_bytes(http: RangeServer, root: Path, tm
     assert entry.cached == entry.size == (root / NAME).stat().st_size
 
 
-def test_cached_load_is_as_fast_as_a_local_file_reads_with_preadv(
-    http: RangeServer, root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    load(http.url(NAME), tmp_path)
+def data_file(cache_dir: Path) -> str:
+    (entry,) = cache.Store(cache_dir).entries()
+    return str(cache_dir / "entries" / entry.key / "data")
+
+
+def counting_preadv(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     real = os.preadv
 
@@ -90,9 +93,65 @@ def test_cached_load_is_as_fast_as_a_local_file_reads_with_preadv(
         return real(fd, buffers, offset)
 
     monkeypatch.setattr(os, "preadv", counting)
+    return calls
+
+
+def test_a_cached_load_maps_the_cache_file_and_reads_nothing(
+    http: RangeServer, root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    load(http.url(NAME), tmp_path)
+    calls = counting_preadv(monkeypatch)
+    got = load(http.url(NAME), tmp_path)
+    assert_same(got, reference(root))
+    assert calls == []  # no byte copied: the tensors are the cache file's pages, as safetensors' are its file's
+    assert {mapping_of(t) for t in got.values() if t.numel()} == {data_file(tmp_path)}
+
+
+def test_a_cached_load_without_maps_reads_with_preadv(
+    http: RangeServer, root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    load(http.url(NAME), tmp_path)
+    calls = counting_preadv(monkeypatch)
+    for how in ({"memory_map": "never"}, {"backend": "pread"}):
+        calls.clear()
+        got = load(http.url(NAME), tmp_path, **how)
+        assert_same(got, reference(root))
+        prefix = 256 * 1024  # header_prefetch: the first bytes come with the header, as from the network
+        assert sum(calls) == (root / NAME).stat().st_size - prefix  # every other byte straight into its tensor
+        assert {mapping_of(t) for t in got.values() if t.numel()} == {None}
+
+
+def test_writes_to_mapped_tensors_stay_in_the_process(http: RangeServer, root: Path, tmp_path: Path) -> None:
+    load(http.url(NAME), tmp_path)
+    got = load(http.url(NAME), tmp_path)
+    for tensor in got.values():
+        tensor.view(torch.uint8).fill_(0xAB) if tensor.numel() else None
+    assert_same(load(http.url(NAME), tmp_path), reference(root))  # the cache file was not written through
+    http.reset()
+    assert_same(load(http.url(NAME), tmp_path, memory_map="never"), reference(root))
+    assert ranges(http) == [(0, SMALL_PROBE)]
+
+
+def test_mapped_tensors_outlive_their_entry(http: RangeServer, root: Path, tmp_path: Path) -> None:
+    load(http.url(NAME), tmp_path)
+    got = load(http.url(NAME), tmp_path)
+    (entry,) = cache.Store(tmp_path).entries()
+    assert cache.Store(tmp_path).remove([entry.key]) == 1  # stream-st cache rm, or eviction: files unlinked
+    assert_same(got, reference(root))
+    http.reset()
     assert_same(load(http.url(NAME), tmp_path), reference(root))
-    prefix = 256 * 1024  # header_prefetch: the first bytes come with the header, as from the network
-    assert sum(calls) == (root / NAME).stat().st_size - prefix  # every other byte straight into its tensor
+    assert sent(http) == (root / NAME).stat().st_size  # a new entry, fetched again
+
+
+def test_a_partly_cached_load_maps_what_is_cached_and_fetches_the_rest(
+    http: RangeServer, root: Path, tmp_path: Path
+) -> None:
+    url = http.url(NAME)
+    load(url, tmp_path, tensors="model.layers.1.*", max_gap=0, header_prefetch=8)
+    got = load(url, tmp_path)
+    assert_same(got, reference(root))
+    where = {name: mapping_of(t) for name, t in got.items() if t.numel()}
+    assert {name for name, path in where.items() if path} == {n for n in where if n.startswith("model.layers.1.")}
 
 
 def test_partial_then_full_fetches_only_the_rest(http: RangeServer, root: Path, tmp_path: Path, writes: str) -> None:
@@ -222,8 +281,11 @@ def test_options_come_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_
         sst.Config(cache_max_bytes=0)
 
 
+@pytest.mark.parametrize("memory", ["unaligned", "aligned like the file"])
 @pytest.mark.parametrize("direct", [True, False])
-def test_unaligned_writes_land_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool) -> None:
+def test_unaligned_writes_land_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool, memory: str
+) -> None:
     monkeypatch.setattr(cache, "_DIRECT", direct)
     size = 5 * 4096 + 123
     data = os.urandom(size)
@@ -232,15 +294,73 @@ def test_unaligned_writes_land_exactly(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr(cache, "_WRITE_NOW_BELOW", 0)  # even these small writes take the O_DIRECT path
     monkeypatch.setattr(cache, "_BOUNCE", 2 * 4096)  # several windows per write
     monkeypatch.setattr(cache, "_threads", ProcessCache())  # a writer with those small buffers
+    copied = copies(monkeypatch)
+    source = memoryview(data)  # read-only bytes: copied into the aligned buffers
+    if memory != "unaligned":
+        source = memoryview(mmap.mmap(-1, size))  # page-aligned: offset n of the file sits at address ≡ n
+        source[:] = data
     cuts = [0, 1, 4095, 4097, 3 * 4096, 3 * 4096 + 5, 5 * 4096 + 1, size]
+    pending = cache._Pending()
     for a, b in zip(cuts, cuts[1:]):
-        entry.record(cache._background()[0].write(entry, a, memoryview(data)[a:b]))
+        entry.record(cache._background()[0].write(entry, a, source[a:b], pending))
+    pending.wait()
     entry.settle()
+    assert (sum(copied) == 0) == (memory != "unaligned" or not direct)
     assert entry.segments(0, size) == [(0, size, True)]
     assert (entry.direct is not None) == direct
     with open(tmp_path / "entries" / "k" / "data", "rb") as f:
         assert f.read(size) == data
     entry.close()
+
+
+def copies(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Bytes the cache writer copies into its aligned buffers."""
+    copied: list[int] = []
+    real = cache._copy
+
+    def counting(target: memoryview, source: memoryview) -> None:
+        copied.append(len(source))
+        real(target, source)
+
+    monkeypatch.setattr(cache, "_copy", counting)
+    return copied
+
+
+def test_a_load_writing_the_cache_writes_large_tensors_from_their_own_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "served"
+    folder.mkdir()
+    state = {"a.odd": torch.arange(7, dtype=torch.uint8)}  # shifts every later tensor off block boundaries
+    state |= {f"big.{i}": torch.randn(1 + i, 700_001, dtype=torch.float32) for i in range(3)}
+    state["z.small"] = torch.randn(5, dtype=torch.bfloat16)
+    write(folder / NAME, state)
+    data_start, header = safetensors_header(folder / NAME)
+    assert all((data_start + header[f"big.{i}"]["data_offsets"][0]) % 4096 for i in range(3))
+    probe = os.open(folder / NAME, os.O_RDONLY | getattr(os, "O_DIRECT", 0))  # tmpfs refuses O_DIRECT
+    os.close(probe)
+    server = RangeServer(folder)
+    try:
+        copied = copies(monkeypatch)
+        got = sst.load_file(server.url(NAME), cache_dir=str(tmp_path / "c"), progress=False)
+        assert_same(got, state)
+        assert sum(copied) < 3 * 4096  # every whole block of the big tensors went to disk from their own memory
+        monkeypatch.setattr(sst.sinks, "ALIGN_FROM", 1 << 40)  # outputs placed anywhere: the blocks are copied
+        got = sst.load_file(server.url(NAME), cache_dir=str(tmp_path / "d"), progress=False)
+        assert_same(got, state)
+        assert sum(copied) > 6 * 700_000
+        server.reset()
+        again = sst.load_file(server.url(NAME), cache_dir=str(tmp_path / "c"), progress=False)
+        assert_same(again, state)  # from the cache file, mapped
+        assert ranges(server) == [(0, SMALL_PROBE)]
+    finally:
+        server.stop()
+
+
+def safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
+    raw = path.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    return 8 + length, json.loads(raw[8 : 8 + length])
 
 
 def test_one_load_at_a_time_writes_an_entry(tmp_path: Path) -> None:
@@ -303,19 +423,26 @@ def test_two_processes_loading_at_once_both_get_correct_tensors(http: RangeServe
     assert ranges(http) == [(0, SMALL_PROBE)]
 
 
-def test_a_process_that_exits_right_after_its_load_leaves_a_complete_entry(own: RangeServer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("memory", ["aligned buffers", "the tensors' own"])
+def test_a_process_that_exits_right_after_its_load_leaves_a_complete_entry(
+    own: RangeServer, tmp_path: Path, memory: str
+) -> None:
     write(own.root / "big.safetensors", {"w": torch.arange(3 << 20, dtype=torch.float32)})  # 12 MiB: O_DIRECT path
+    bounce = memory == "aligned buffers"
     code = (
         "import os, sys, threading, time, torch, stream_st as sst\n"
-        "from stream_st import cache\n"
-        "pwrite = os.pwrite\n"
+        "from stream_st import cache, sinks\n"
+        + ("sinks.ALIGN_FROM = 1 << 40  # outputs anywhere: blocks go through the aligned buffers\n" if bounce else "")
+        + "pwrite = os.pwrite\n"
         "def slow(fd, data, at):  # the disk is slow: writes are still queued when the load returns\n"
         "    if threading.current_thread().name.startswith('stream_st-cache'):\n"
         "        time.sleep(2)\n"
         "    return pwrite(fd, data, at)\n"
         "os.pwrite = slow\n"
         "sst.load_file(sys.argv[1], cache_dir=sys.argv[2], progress=False)\n"
-        "assert cache._background()[0]._queued, 'nothing was left to wait for'\n"
+        # from aligned buffers, writes are still queued when the load returns; from the tensors' own memory, the
+        # load waits for them (the caller may change its tensors at once)
+         + f"assert bool(cache._background()[0]._queued) == {bounce}\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     ran = subprocess.run([sys.executable, "-c", code, own.url("big.safetensors"), str(tmp_path)], env=env, timeout=120)

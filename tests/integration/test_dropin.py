@@ -13,7 +13,7 @@ import safetensors.torch
 import torch
 
 import stream_st as sst
-from checkpoints import assert_same, write
+from checkpoints import assert_same, mapping_of, write
 from servers import Nginx, RangeServer
 
 
@@ -25,6 +25,21 @@ def test_backend_is_accepted_as_safetensors_accepts_it(http: RangeServer, root: 
         assert_same(sst.load_file(where, backend=backend), expected)
         with sst.safe_open(where, framework="pt", backend=backend) as handle:
             assert handle.get_tensor("F32.odd").equal(expected["F32.odd"])
+
+
+def test_backend_mmap_maps_a_local_file_as_safetensors_does(root: Path) -> None:
+    path = root / "dtypes.safetensors"
+    expected = safetensors.torch.load_file(str(path))
+    mapped = sst.load_file(path, backend="mmap")
+    assert_same(mapped, expected)
+    assert {mapping_of(t) for t in mapped.values() if t.numel()} == {str(path)}
+    with sst.safe_open(path, framework="pt", backend="mmap") as handle:
+        assert mapping_of(handle.get_tensor("F32.odd")) == str(path)
+    for owned in (sst.load_file(path), sst.load_file(path, backend="pread"), sst.load_file(path, memory_map="never")):
+        assert_same(owned, expected)  # by default a local file is read into memory the tensors own
+        assert {mapping_of(t) for t in owned.values() if t.numel()} == {None}
+    next(iter(mapped.values())).view(torch.uint8).fill_(7)  # copy-on-write: the file is not written
+    assert_same(safetensors.torch.load_file(str(path)), expected)
 
 
 def test_an_invalid_backend_raises_what_safetensors_raises(http: RangeServer, root: Path) -> None:

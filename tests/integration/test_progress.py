@@ -93,3 +93,12 @@ def test_loads_sharing_an_engine_count_separately(http: RangeServer, root: Path,
     header = sst.read_header(str(path))
     assert_counted(first, sum(header.tensors[n].nbytes for n in names[:half]))
     assert_counted(second, sum(header.tensors[n].nbytes for n in names[half:]))
+
+
+def test_mapped_tensors_are_counted(root: Path) -> None:
+    """Tensors made over a map of the local file (memory_map="all") are in place at once: counted too, so
+    the callback still ends at the total."""
+    calls: Calls = []
+    path = root / "layered.safetensors"
+    sst.load_file(path, memory_map="all", progress=lambda done, total: calls.append((done, total)))
+    assert_counted(calls, tensor_bytes(path))

@@ -209,7 +209,7 @@ _MANY_SHARDS = textwrap.dedent(
     import safetensors.torch, torch
     import stream_st as sst
 
-    folder, count = sys.argv[1], int(sys.argv[2])
+    folder, count, backend = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     resource.setrlimit(resource.RLIMIT_NOFILE, (1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
     weight_map = {}
     for i in range(count):
@@ -218,20 +218,25 @@ _MANY_SHARDS = textwrap.dedent(
         weight_map[f"t{i}"] = name
     with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
         json.dump({"weight_map": weight_map}, f)
-    state = sst.load_file(os.path.join(folder, "model.safetensors.index.json"), progress=False)
+    state = sst.load_file(os.path.join(folder, "model.safetensors.index.json"), progress=False, backend=backend)
     assert len(state) == count and all(torch.equal(state[f"t{i}"], torch.full((3,), float(i))) for i in range(count))
     print("ok", len(os.listdir("/proc/self/fd")))
     """
 )
 
 
-def test_five_thousand_local_shards_load_under_a_1024_descriptor_limit(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["pread", "mmap"])  # mapped files must not hold a descriptor each
+def test_five_thousand_local_shards_load_under_a_1024_descriptor_limit(tmp_path: Path, backend: str) -> None:
     script = tmp_path / "many.py"
     script.write_text(_MANY_SHARDS)
     folder = tmp_path / "shards"
     folder.mkdir()
     done = subprocess.run(
-        [sys.executable, str(script), str(folder), "5000"], capture_output=True, text=True, timeout=300, check=False
+        [sys.executable, str(script), str(folder), "5000", backend],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("ok")
