@@ -14,7 +14,7 @@ import os
 import sys
 import threading
 import warnings
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -142,6 +142,21 @@ def close_soon(coro: Coroutine[Any, Any, None]) -> None:
         loop.create_task(coro)
     else:
         run_sync(coro)
+
+
+async def off_loop(fn: Callable[..., T], *args: Any) -> T:
+    """Run blocking ``fn(*args)`` on a worker thread (the loop's default executor): a load's casts, CUDA
+    synchronisations, large copies or ``load_state_dict`` must not stall the IO loop, which every load in the
+    process shares. A cancel waits for ``fn`` to return before it propagates, so nothing still works on a
+    load's tensors after its call has returned."""
+    work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        await asyncio.wait({work})
+        if not work.cancelled():
+            work.exception()  # consumed: the cancel is what propagates
+        raise
 
 
 async def gather_or_cancel(*awaitables: Awaitable[T]) -> list[T]:

@@ -8,26 +8,27 @@ import logging
 import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
+from functools import partial
 from typing import Any
 
 import torch
 
-from ._loop import close_soon, issuing_warnings, run_sync
+from ._loop import close_soon, issuing_warnings, off_loop, run_sync
 from .arguments import Device, cast_target, path_or_url, to_device, with_backend, within
 from .config import Config, resolve
 from .distributed import Ranks, SplitLoad
-from .errors import ConfigError
 from .fetch import Engine, Stats
 from .header import Header
-from .integrity import VerifyOption, parse_digest
+from .integrity import VerifyOption
 from .location import redact
 from .modules import apply_state, tied_groups
 from .parallel import RegionOf, TensorParallel, load_raw, whole, with_regions
-from .progress import ProgressOption, make_progress
+from .progress import Progress, ProgressOption, make_progress
 from .remote import RemoteFile
 from .select import Selection
 from .shards import Checkpoint, open_checkpoint
 from .sinks import OutputTensor
+from .verifier import check_option
 
 logger = logging.getLogger(__name__)
 
@@ -86,10 +87,16 @@ async def open_files(
 
 
 async def _load_located(
-    located: Mapping[RemoteFile, list[str]], device: Device, dtype: torch.dtype | None, verify: VerifyOption = None
+    located: Mapping[RemoteFile, list[str]],
+    device: Device,
+    dtype: torch.dtype | None,
+    verify: VerifyOption,
+    progress: Progress | None,
 ) -> dict[str, torch.Tensor]:
     """Fetch every group concurrently (one engine), return tensors shard by shard in file order."""
-    return _finished(await load_raw(with_regions(located), to_device(device), verify), device, dtype)
+    return await finished(
+        await load_raw(with_regions(located), to_device(device), verify, progress=progress), device, dtype
+    )
 
 
 def _ranks(process_group: Any, device: Device) -> Ranks | None:
@@ -128,12 +135,20 @@ async def _split(
     split = SplitLoad(checkpoint, ranks, verify)
     await split.agree(tensors, region_of)
     total = split.share_bytes(split.union) + total_bytes({f: [n for n, _ in w] for f, w in split.alone.items()})
-    with reporting(checkpoint, total, progress):
-        fetched = await split.fetch(split.union, with_own_slices=True)
-        return await split.exchange(split.union, fetched, lambda outputs: _finished(outputs, device, dtype))
+    with reporting(checkpoint, total, progress) as counter:
+        fetched = await split.fetch(split.union, with_own_slices=True, progress=counter)
+        return await split.exchange(split.union, fetched, lambda outputs: finished(outputs, device, dtype))
 
 
-def _finished(
+async def finished(
+    outputs: Mapping[str, OutputTensor], device: Device, dtype: torch.dtype | None
+) -> dict[str, torch.Tensor]:
+    """Each output as its typed tensor on ``device`` (``finish``), the GPU work settled: on a worker thread,
+    as a cast of many GiB takes seconds, during which the IO loop keeps serving the other loads."""
+    return await off_loop(_finish_all, outputs, device, dtype)
+
+
+def _finish_all(
     outputs: Mapping[str, OutputTensor], device: Device, dtype: torch.dtype | None
 ) -> dict[str, torch.Tensor]:
     tensors = {name: finish(out, device, dtype) for name, out in outputs.items()}
@@ -173,27 +188,20 @@ def total_bytes(located: Mapping[RemoteFile, list[str]]) -> int:
 
 
 @contextlib.contextmanager
-def reporting(checkpoint: Checkpoint, total: int, option: ProgressOption) -> Iterator[None]:
-    """Report ``total`` bytes landing, as ``option`` asks (see ``progress.make_progress``)."""
-    engine = checkpoint.engine
-    engine.progress = make_progress(option, total, checkpoint.url.rsplit("/", 1)[-1])
+def reporting(checkpoint: Checkpoint, total: int, option: ProgressOption) -> Iterator[Progress | None]:
+    """This load's counter of ``total`` bytes landing, reported as ``option`` asks (see
+    ``progress.make_progress``); handed down the load's calls, never stored where another load sees it."""
+    progress = make_progress(option, total, checkpoint.url.rsplit("/", 1)[-1])
     try:
-        yield
+        yield progress
     finally:
-        if engine.progress is not None:
-            engine.progress.close()
-            engine.progress = None
+        if progress is not None:
+            progress.close()
 
 
 def check_verify(checkpoint: Checkpoint, verify: VerifyOption) -> None:
     """Reject a malformed digest, or one digest for many files, before anything is downloaded."""
-    if isinstance(verify, str) and verify != "strict":
-        parse_digest(verify)
-        if checkpoint.sharded:
-            raise ConfigError(
-                f"{checkpoint.url}: verify={verify!r} is one digest, but the checkpoint has {len(checkpoint.shards)} "
-                "files; use verify=True (each file's published digest or sidecar)"
-            )
+    check_option(verify, checkpoint.url, len(checkpoint.shards) if checkpoint.sharded else None)
 
 
 def finish(host: OutputTensor, device: Device, dtype: torch.dtype | None) -> torch.Tensor:
@@ -313,9 +321,10 @@ async def load_file_async(
             if ranks is not None:
                 return await _split(checkpoint, ranks, tensors, device, dtype, verify, progress, region_of)
             located = await checkpoint.locate(tensors)
-            with reporting(checkpoint, total_bytes(located), progress):
-                outputs = await load_raw(with_regions(located, region_of), to_device(device), verify)
-                return _finished(outputs, device, dtype)
+            with reporting(checkpoint, total_bytes(located), progress) as counter:
+                requests = with_regions(located, region_of)
+                outputs = await load_raw(requests, to_device(device), verify, progress=counter)
+                return await finished(outputs, device, dtype)
 
     return await issuing_warnings(within(cfg.timeout, f"{redact(url)}: load", load()))
 
@@ -426,17 +435,19 @@ async def _iterate(
             located: Mapping[RemoteFile, list[str]] = split.union
         else:
             located = await checkpoint.locate(tensors)
-            for file, names in located.items():  # read whole, batch after batch: its digest applies
-                file.verified_in_batches = len(names) == len(file.header)
-
-        def begin(batch: Mapping[RemoteFile, list[str]]) -> asyncio.Future[Any]:
-            if split is not None:
-                return asyncio.ensure_future(split.fetch(batch))
-            return asyncio.ensure_future(_load_located(batch, device, dtype, verify))
+            for file, names in located.items():
+                if len(names) == len(file.header):
+                    file.verifier.read_in_batches()
 
         batches = _batches(located, cfg.max_inflight_bytes, min(cfg.part_size, cfg.max_inflight_bytes))
         total = sum(split.share_bytes(b) for b in batches) if split is not None else total_bytes(located)
-        stack.enter_context(reporting(checkpoint, total, progress))
+        counter = stack.enter_context(reporting(checkpoint, total, progress))
+
+        def begin(batch: Mapping[RemoteFile, list[str]]) -> asyncio.Future[Any]:
+            if split is not None:
+                return asyncio.ensure_future(split.fetch(batch, progress=counter))
+            return asyncio.ensure_future(_load_located(batch, device, dtype, verify, counter))
+
         ahead: asyncio.Future[Any] | None = None
         try:
             for index, batch in enumerate(batches):
@@ -444,7 +455,7 @@ async def _iterate(
                 ahead = begin(batches[index + 1]) if index + 1 < len(batches) else None
                 loaded: dict[str, torch.Tensor] = started
                 if split is not None:
-                    loaded = await split.exchange(batch, started, lambda outputs: _finished(outputs, device, dtype))
+                    loaded = await split.exchange(batch, started, lambda outputs: finished(outputs, device, dtype))
                 for name in list(loaded):
                     yield name, loaded.pop(name)
         finally:
@@ -551,10 +562,10 @@ async def load_model_async(
     """
     url, dtype, cfg = path_or_url(url), cast_target(dtype), resolve(config, options)
     cfg = with_backend(cfg, backend)
-    model_keys = set(model.state_dict().keys())
-    groups = tied_groups(model)
 
     async def load() -> tuple[list[str], list[str]]:
+        # Walking a module of many thousand tensors, and load_state_dict's copies, happen on a worker thread.
+        model_keys, groups = await off_loop(_model_names, model)
         ranks = _ranks(process_group, device)
         async with _together(ranks), open_files(url, cfg, storage_options, stats, to_device(device)) as checkpoint:
             in_file = await checkpoint.names()
@@ -563,13 +574,22 @@ async def load_model_async(
                 state = await _split(checkpoint, ranks, model_keys.__contains__, device, dtype, verify, progress)
             else:
                 located = await checkpoint.locate(lambda name: name in model_keys)
-                with reporting(checkpoint, total_bytes(located), progress):
-                    state = await _load_located(located, device, dtype, verify)
-        return apply_state(
-            model, state, in_file, groups, strict=strict, assign=assign, device=to_device(device), url=url
+                with reporting(checkpoint, total_bytes(located), progress) as counter:
+                    state = await _load_located(located, device, dtype, verify, counter)
+        return await off_loop(
+            partial(apply_state, strict=strict, assign=assign, device=to_device(device), url=url),
+            model,
+            state,
+            in_file,
+            groups,
         )
 
     return await issuing_warnings(within(cfg.timeout, f"{redact(url)}: load_model", load()))
+
+
+def _model_names(model: torch.nn.Module) -> tuple[set[str], list[list[str]]]:
+    """The names of ``model``'s state, and its groups of tied names."""
+    return set(model.state_dict().keys()), tied_groups(model)
 
 
 def load_model(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,11 +20,12 @@ from typing import Any
 import torch
 
 from . import errors
-from ._loop import gather_or_cancel
+from ._loop import gather_or_cancel, off_loop
 from .errors import FetchError, ObjectChangedError, StreamSTError
 from .gpu import use_device
 from .header import TensorInfo
 from .parallel import RegionOf, load_raw, whole
+from .progress import Progress
 from .regions import Region
 from .remote import RemoteFile
 from .select import Selection
@@ -130,7 +131,7 @@ class Fetched:
     receive: dict[str, OutputTensor] = field(default_factory=dict)  # whole tensors it asked for, to receive into
 
 
-Finish = Callable[[dict[str, OutputTensor]], dict[str, torch.Tensor]]
+Finish = Callable[[dict[str, OutputTensor]], Awaitable[dict[str, torch.Tensor]]]
 
 
 class SplitLoad:
@@ -214,8 +215,11 @@ class SplitLoad:
                     mine += sizes[name] if share.whole else (share.stop - share.start) * row_bytes
         return mine
 
-    async def fetch(self, part: Mapping[RemoteFile, list[str]], *, with_own_slices: bool = False) -> Fetched:
-        """Download this rank's pieces of ``part`` (and its own slices) and allocate what it will receive."""
+    async def fetch(
+        self, part: Mapping[RemoteFile, list[str]], *, with_own_slices: bool = False, progress: Progress | None = None
+    ) -> Fetched:
+        """Download this rank's pieces of ``part`` (and its own slices) and allocate what it will receive;
+        ``progress`` counts the bytes this rank downloads."""
         fetched = Fetched(self.plan(part))
         try:
             into: dict[str, torch.Tensor] = {}  # our rows of split tensors we keep: landed in place, not copied
@@ -232,9 +236,10 @@ class SplitLoad:
                 file: [(s.name, _region(s)) for n in names for s in fetched.plan[n] if s.rank == self.rank]
                 for file, names in part.items()
             }
-            loads = [load_raw({f: wanted for f, wanted in ours.items() if wanted}, self.device, into=into)]
+            mine = {f: wanted for f, wanted in ours.items() if wanted}
+            loads = [load_raw(mine, self.device, into=into, progress=progress)]
             if with_own_slices and self.alone:
-                loads.append(load_raw(self.alone, self.device, self.verify))
+                loads.append(load_raw(self.alone, self.device, self.verify, progress=progress))
             loaded = await gather_or_cancel(*loads)
             fetched.pieces, fetched.sliced = loaded[0], loaded[1] if len(loaded) > 1 else {}
         except Exception as exc:
@@ -261,10 +266,10 @@ class SplitLoad:
                 for file, names in part.items():
                     held = {name: received[name] for name in names if name in received}
                     if held:
-                        await file.verify_loaded(self.verify, held)
+                        await file.verifier.check_received(self.verify, held)
             files = self.checkpoint.in_order([*part, *(f for f in self.alone if fetched.sliced)])
             both = {**received, **fetched.sliced}
-            finished = finish(
+            finished = await finish(
                 {name: both[name] for file in files for name in file.header.offset_keys() if name in both}
             )
         except Exception as exc:
@@ -291,7 +296,7 @@ class SplitLoad:
                     if full is not None and full is not piece:  # our rows of a split tensor we also keep
                         ours = full.buffer[_byte_range(share, info, pieces)]
                         if ours.data_ptr() != buffer.data_ptr():  # they did not land in place (fetch)
-                            ours.copy_(buffer)
+                            await off_loop(ours.copy_, buffer)
                 else:
                     assert full is not None
                     buffer = full.buffer[_byte_range(share, info, pieces)]

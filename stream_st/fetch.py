@@ -85,7 +85,6 @@ class Engine:
             connect_timeout=config.connect_timeout, read_timeout=config.stall_timeout, min_speed=config.min_speed
         )
         self.stats = stats if stats is not None else Stats()
-        self.progress: Progress | None = None  # set by the API for the duration of a load
         self._executor = ThreadPoolExecutor(max_workers=config.max_concurrency, thread_name_prefix="stream_st")
         self._scratch = threading.local()
 
@@ -107,12 +106,14 @@ class Engine:
         landed: Callable[[int, int], None] | None = None,
         staging: DeviceStaging | None = None,
         max_gap: int | None = None,
+        progress: Progress | None = None,
     ) -> None:
         """Fetch every wanted span of ``source`` into ``destination(key)``, all or nothing.
 
         ``landed(start, end)`` is called from the worker thread as each part has fully arrived. With
         ``staging``, parts go through pinned slots to device tensors instead (``destination`` unused).
-        ``max_gap`` overrides the config's (0: never read bytes between spans, which a prefetch holds)."""
+        ``max_gap`` overrides the config's (0: never read bytes between spans, which a prefetch holds).
+        ``progress`` counts the wanted bytes as they land (the load's own counter: engines can be shared)."""
         config = self.config
         part_size = min(config.part_size, staging.pool.slot_bytes) if staging else config.part_size
         if source.ranges:
@@ -122,12 +123,13 @@ class Engine:
             assert source.size is not None
             parts = plan_parts(wants, max_gap=source.size, part_size=source.size + 1)
         cancelled = threading.Event()
+        into = _Into(destination, cancelled, landed, staging, progress)
         pending: set[asyncio.Future[None]] = set()
         try:
             for part in parts:
                 while len(pending) >= config.max_concurrency:
                     pending = await _reap(pending, asyncio.FIRST_COMPLETED)
-                work = self._executor.submit(self._fetch_part, source, part, destination, cancelled, landed, staging)
+                work = self._executor.submit(self._fetch_part, source, part, into)
                 pending.add(asyncio.wrap_future(work))
             while pending:  # the first failure surfaces at once, not after the other parts finish
                 pending = await _reap(pending, asyncio.FIRST_EXCEPTION)
@@ -168,18 +170,11 @@ class Engine:
         self.stats.add(requests=1, nbytes=len(probe.prefix))
         return probe
 
-    def _fetch_part(
-        self,
-        source: Source,
-        part: Part,
-        destination: Destination,
-        cancelled: threading.Event,
-        landed: Callable[[int, int], None] | None,
-        staging: DeviceStaging | None,
-    ) -> None:
+    def _fetch_part(self, source: Source, part: Part, into: _Into) -> None:
         """Read one part (straight into its destinations, or into a pinned slot then to the device)."""
+        staging, cancelled = into.staging, into.cancelled
         if staging is None:
-            self._read_part(source, _PartReader(part, destination, self._gap_scratch(), cancelled, self.progress))
+            self._read_part(source, _PartReader(part, into.destination, self._gap_scratch(), cancelled, into.progress))
         else:
             from .gpu import SlotWaitCancelledError
 
@@ -192,14 +187,14 @@ class Engine:
                 staged = staging.staged_part(part)
                 self._read_part(source, _PartReader(staged, lambda _: slot.view, self._gap_scratch(), cancelled, None))
                 staging.ship(slot, part)
-                if landed is not None:
+                if into.landed is not None:
                     slot.wait_until_free()  # landed() means "readable on the device": its copy must be done
             finally:
                 staging.pool.release(slot)  # its copy may still run: the next user waits on its event
-            if self.progress is not None:
-                self.progress.advance(sum(piece.size for piece in part.pieces))
-        if landed is not None:
-            landed(part.start, part.end)
+            if into.progress is not None:
+                into.progress.advance(sum(piece.size for piece in part.pieces))
+        if into.landed is not None:
+            into.landed(part.start, part.end)
 
     def _read_part(self, source: Source, reader: _PartReader) -> None:
         """Fill ``reader``'s part; a retry asks only for the bytes still missing."""
@@ -269,6 +264,18 @@ class Engine:
         if scratch is None:
             scratch = self._scratch.buffer = memoryview(bytearray(_GAP_SCRATCH))
         return scratch
+
+
+@dataclass(frozen=True)
+class _Into:
+    """Where the parts of one ``Engine.fetch`` go, and who hears of them: its own, so that loads sharing
+    an engine (a ``safe_open`` handle's calls) neither mix their bytes nor their progress."""
+
+    destination: Destination
+    cancelled: threading.Event
+    landed: Callable[[int, int], None] | None
+    staging: DeviceStaging | None
+    progress: Progress | None
 
 
 class _PartReader:

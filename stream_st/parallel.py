@@ -14,6 +14,7 @@ import torch
 
 from ._loop import gather_or_cancel
 from .header import TensorInfo
+from .progress import Progress
 from .regions import Region, split
 from .remote import RemoteFile
 from .sinks import OutputTensor
@@ -60,9 +61,15 @@ def with_regions(located: Mapping[RemoteFile, list[str]], region_of: RegionOf = 
 
 
 async def load_raw(
-    requests: Requests, device: torch.device, verify: Any = None, into: Mapping[str, torch.Tensor] | None = None
+    requests: Requests,
+    device: torch.device,
+    verify: Any = None,
+    into: Mapping[str, torch.Tensor] | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, OutputTensor]:
-    """Every file's requests fetched concurrently as raw outputs (one engine), in file order; ``into``: see
-    ``RemoteFile.load``."""
-    loads = await gather_or_cancel(*(file.load(wanted, verify, device, into) for file, wanted in requests.items()))
+    """Every file's requests fetched concurrently as raw outputs (one engine), in file order; ``into`` and
+    ``progress``: see ``RemoteFile.load``."""
+    loads = await gather_or_cancel(
+        *(file.load(wanted, verify, device, into, progress) for file, wanted in requests.items())
+    )
     return {name: outputs.pop(name) for wanted, outputs in zip(requests.values(), loads) for name, _ in wanted}

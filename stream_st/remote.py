@@ -8,34 +8,19 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from . import held
-from ._loop import warn_caller
+from ._loop import off_loop, warn_caller
 from .cache import open_cached
-from .errors import (
-    ConfigError,
-    FetchError,
-    IntegrityError,
-    IntegrityWarning,
-    ObjectChangedError,
-    RangeIgnoredWarning,
-    credentials_error,
-)
+from .errors import FetchError, ObjectChangedError, RangeIgnoredWarning, credentials_error
 from .fetch import Engine
 from .header import LENGTH_PREFIX, Header, TensorInfo, declared_header_size, parse_header
-from .integrity import (
-    SIDECAR_SUFFIX,
-    Memory,
-    OrderedHasher,
-    Sidecar,
-    VerifyOption,
-    check_tensors,
-    parse_digest,
-    sidecar_location,
-)
+from .integrity import VerifyOption
 from .location import redact
 from .opening import open_source
 from .plan import Want
+from .progress import Progress
 from .regions import Region
 from .sources import LocalSource, Probe, Source
+from .verifier import Verifier
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: opening a file and reading headers need none
     import torch
@@ -43,23 +28,6 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: opening a file an
     from .sinks import OutputTensor
 
 logger = logging.getLogger(__name__)
-
-_READ_BACK_BYTES = 4 << 20  # device→host chunk when hashing bytes on a GPU: large enough to run at copy speed
-
-
-def _hashable_memories(outputs: Mapping[str, OutputTensor], staged: bool) -> dict[str, Memory]:
-    """Each output's bytes as the hasher reads them: host memory directly, device memory in chunks."""
-    if not staged:
-        return {name: out.view() for name, out in outputs.items()}
-    import torch
-
-    from .gpu import DeviceBytes
-
-    # One for the load (hashing is serialised); pinned on a GPU, where a pageable destination made the
-    # read-back several times slower and it runs in series with the hash.
-    on_gpu = any(out.buffer.device.type == "cuda" for out in outputs.values())
-    bounce = torch.empty(_READ_BACK_BYTES, dtype=torch.uint8, pin_memory=on_gpu)
-    return {name: DeviceBytes(out.buffer, bounce) for name, out in outputs.items()}
 
 
 def _no_host_destination(key: object) -> memoryview:
@@ -84,13 +52,12 @@ class RemoteFile:
     ) -> None:
         self.source, self.header, self.engine = source, header, engine
         self._prefix = memoryview(prefix)  # first bytes of the object: header, then possibly tensor data
-        self._location, self._storage_options = location, storage_options  # to find a digest sidecar
+        self._location = location
         self._held: held.HeldFile | None = None  # the prefetch of this file, if one holds its tensors
-        # Set by iter_tensors when it reads every tensor of this file, batch after batch, in file order: a
-        # whole-file digest is then checked across the batches (``_batch_hasher``).
-        self.verified_in_batches = False
-        self._batches_hasher: OrderedHasher | None = None
-        self._sidecar_read: asyncio.Future[Sidecar | None] | None = None  # read once per file
+        # verify= for this file: its digests (the sidecar is looked for beside ``location``) and their checks.
+        self.verifier = Verifier(
+            source, header, self._prefix, engine, location, lambda url: read_whole(url, engine, storage_options)
+        )
 
     @property
     def url(self) -> str:
@@ -151,56 +118,42 @@ class RemoteFile:
         verify: VerifyOption = None,
         device: torch.device | None = None,
         into: Mapping[str, torch.Tensor] | None = None,
+        progress: Progress | None = None,
     ) -> dict[str, OutputTensor]:
         """Fetch tensors (or a region of one dimension of them) into newly allocated tensors, concurrently,
         or into the flat buffers ``into`` names for them where those are where the bytes land anyway.
 
         On the host, bytes land straight in the outputs; for another ``device`` they pass through the
         shared pinned slot pool (gpu.py). With ``verify``, they are checked against a digest before being
-        returned: hashed in order as parts land (read back from the device in small chunks on a GPU)."""
+        returned: hashed in order as parts land (read back from the device in small chunks on a GPU).
+        ``progress`` counts the bytes of the outputs as they land, wherever they come from."""
         requested = list(requests)
         staged = device is not None and (device.type != "cpu" or self.stage_cpu_loads) and self.source.ranges
         landing = device if staged else None
-        outputs = await self._take_prefetched([name for name, region in requested if region is None], landing, into)
+        unsliced = [name for name, region in requested if region is None]
+        outputs = await self._take_prefetched(unsliced, landing, into, progress)
         if landing is None:
-            unsliced = [name for name, region in requested if region is None and name not in outputs]
-            outputs.update(await self.engine.run(self._take_mapped, unsliced, into))
+            mapped = await self.engine.run(self._take_mapped, [name for name in unsliced if name not in outputs], into)
+            outputs.update(mapped)
+            if progress is not None and mapped:
+                progress.advance(sum(out.buffer.numel() for out in mapped.values()))
         prefetched = [(self.header.tensors[name].start, self.header.tensors[name].end) for name in outputs]
-        wants = self._allocate(requested, landing, into, outputs)
-        memories = _hashable_memories(outputs, staged) if verify else {}
-        sliced = {name for name, region in requested if region}
-        whole = len(outputs) == len(self.header) and not sliced
-        hasher: OrderedHasher | None = None
-        sidecar: Sidecar | None = None
-        explicit = isinstance(verify, str) and verify != "strict"
-        if verify and whole:
-            hasher = await self._whole_file_hasher(verify, memories)
-        elif verify and self.verified_in_batches and not sliced and (explicit or await self._sidecar() is None):
-            hasher = await self._batch_hasher(verify, memories)  # the whole file, batch after batch
-        elif verify:
-            if explicit:
-                self._refuse_whole_file_digest(str(verify), len(outputs) - len(sliced), len(sliced))
-            sidecar = await self._sidecar_for_partial(verify)
-        if verify and sliced:
-            self._unverifiable(verify, f"{len(sliced)} tensor(s) were sliced, and digests cover whole tensors")
-        landed = hasher.landed if hasher else None
-        if landed is not None and prefetched:
-            await self.engine.run(lambda: [landed(start, end) for start, end in prefetched])
+        wants = self._allocate(requested, landing, into, outputs, progress)
+        check = await self.verifier.begin(verify, outputs, {name for name, region in requested if region}, staged)
+        await check.landed_before(prefetched)
+        landed = check.landed
         gap = 0 if prefetched else None  # the spans between the wanted ones may be a prefetch's: not again
         if staged:
             assert device is not None
             buffers = {name: out.buffer for name, out in outputs.items()}
-            await self._fetch_to_device(wants, buffers, device, landed, gap)
+            await self._fetch_to_device(wants, buffers, device, landed, gap, progress)
         else:
             views = {name: out.view() for name, out in outputs.items()}
-            await self.engine.fetch(self.source, wants, lambda key: views[str(key)], landed, max_gap=gap)
+            await self.engine.fetch(
+                self.source, wants, lambda key: views[str(key)], landed, max_gap=gap, progress=progress
+            )
         self.source.check_unchanged()
-        if hasher is not None and (whole or hasher.frontier == self.header.file_size):
-            self._batches_hasher = None
-            hasher.check()  # a file read in batches: before its last batch is returned
-        if sidecar is not None:
-            checked = [(name, outputs[name].buffer.numel(), memories[name]) for name in outputs if name not in sliced]
-            await self.engine.run(check_tensors, self.url, sidecar, checked)
+        await check.finish()
         return outputs
 
     def _allocate(
@@ -209,6 +162,7 @@ class RemoteFile:
         device: torch.device | None,
         into: Mapping[str, torch.Tensor] | None,
         outputs: dict[str, OutputTensor],
+        progress: Progress | None,
     ) -> list[Want]:
         """An output for every requested tensor (or region) not in ``outputs`` yet, on ``device`` (None: host
         memory) or in its ``into`` buffer; returns the spans still to fetch (the header read's are copied)."""
@@ -232,33 +186,37 @@ class RemoteFile:
             outputs[name] = out
             spans = region.spans(info) if region else [(info.start, info.end, 0)]
             for start, end, offset in spans:
-                wants.extend(self._take_from_prefix(Want(name, start, end, offset), out.buffer))
+                wants.extend(self._take_from_prefix(Want(name, start, end, offset), out.buffer, progress))
         return wants
 
-    def _refuse_whole_file_digest(self, verify: str, whole: int, sliced: int) -> None:
-        raise ConfigError(
-            f"{self.url}: verify={verify[:15]}... is a digest of the whole file, but this load reads "
-            f"{whole} whole tensors of {len(self.header)}"
-            + (f" and slices of {sliced}" if sliced else "")
-            + "; load the whole file, or use verify=True with a sidecar of per-tensor digests",
-            url=self.url,
-        )
-
     async def _take_prefetched(
-        self, names: list[str], device: torch.device | None, into: Mapping[str, torch.Tensor] | None
+        self,
+        names: list[str],
+        device: torch.device | None,
+        into: Mapping[str, torch.Tensor] | None,
+        progress: Progress | None,
     ) -> dict[str, OutputTensor]:
         """The tensors of ``names`` a prefetch holds, once their bytes are in: on the host they become the
-        outputs' memory as they are; on a device (or into ``into``) they are copied there."""
-        import torch
-
-        from .sinks import output_tensor
-
+        outputs' memory as they are; on a device (or into ``into``) they are copied there, on a worker thread."""
         if self._held is None or not names:
             return {}
         taken = self._held.take(names)
         results = await asyncio.gather(*(asyncio.wrap_future(f) for f in taken.values()), return_exceptions=True)
+        return await off_loop(self._adopt_prefetched, dict(zip(taken, results)), device, into, progress)
+
+    def _adopt_prefetched(
+        self,
+        results: dict[str, held.Held | BaseException],
+        device: torch.device | None,
+        into: Mapping[str, torch.Tensor] | None,
+        progress: Progress | None,
+    ) -> dict[str, OutputTensor]:
+        import torch
+
+        from .sinks import output_tensor
+
         outputs: dict[str, OutputTensor] = {}
-        for name, result in zip(taken, results):
+        for name, result in results.items():
             if isinstance(result, held.PrefetchCancelledError):
                 continue  # fetched by this load instead
             if isinstance(result, BaseException):
@@ -276,8 +234,8 @@ class RemoteFile:
                 target.copy_(memory)
                 memory = target
             outputs[name] = output_tensor(info, info.shape, url=self.url, buffer=memory)
-            if self.engine.progress is not None:
-                self.engine.progress.advance(result.nbytes)
+            if progress is not None:
+                progress.advance(result.nbytes)
         return outputs
 
     def _take_mapped(self, names: list[str], into: Mapping[str, torch.Tensor] | None) -> dict[str, OutputTensor]:
@@ -299,20 +257,6 @@ class RemoteFile:
                 outputs[name] = output_tensor(info, info.shape, url=self.url, buffer=buffer)
         return outputs
 
-    async def verify_loaded(self, verify: VerifyOption, outputs: Mapping[str, OutputTensor]) -> None:
-        """Check whole tensors loaded some other way (received from another rank): all of the file against
-        its digest, or each against the sidecar; a partial load without a sidecar warns or fails."""
-        memories = _hashable_memories(outputs, staged=any(o.buffer.device.type != "cpu" for o in outputs.values()))
-        if len(outputs) == len(self.header):
-            hasher = await self._whole_file_hasher(verify, memories)
-            await self.engine.run(hasher.landed, 0, self.header.file_size)
-            hasher.check()
-            return
-        sidecar = await self._sidecar_for_partial(verify)
-        if sidecar is not None:
-            checked = [(name, out.buffer.numel(), memories[name]) for name, out in outputs.items()]
-            await self.engine.run(check_tensors, self.url, sidecar, checked)
-
     async def _fetch_to_device(
         self,
         wants: list[Want],
@@ -320,6 +264,7 @@ class RemoteFile:
         device: torch.device,
         landed: Callable[[int, int], None] | None,
         max_gap: int | None,
+        progress: Progress | None,
     ) -> None:
         from .gpu import DeviceStaging, shared_pool
 
@@ -327,81 +272,13 @@ class RemoteFile:
         pool = shared_pool(config.part_size, config.pinned_pool_bytes, pinned=device.type == "cuda")
         staging = DeviceStaging(buffers, device, pool)
         try:
-            await self.engine.fetch(self.source, wants, _no_host_destination, landed, staging, max_gap)
+            await self.engine.fetch(self.source, wants, _no_host_destination, landed, staging, max_gap, progress)
         finally:
             # Wait for every queued copy, on success and on failure alike: the caller must not see a
             # half-copied tensor, nor may memory still being copied into be freed.
             await self.engine.run(staging.finish)
 
-    async def _batch_hasher(self, verify: VerifyOption, memories: Mapping[str, Memory]) -> OrderedHasher:
-        """The hasher of a file read whole in consecutive batches (``iter_tensors``), given this batch's
-        tensors: the file's digest is checked as its last batch lands, before that batch is returned. The
-        batches before it were returned unchecked: a sidecar's per-tensor digests check each batch instead."""
-        if self._batches_hasher is None:
-            self._batches_hasher = await self._whole_file_hasher(verify, memories)
-        else:
-            infos = [(self.info(name), memory) for name, memory in memories.items()]
-            self._batches_hasher.extend([(info.start, info.end, memory) for info, memory in infos if info.nbytes])
-        return self._batches_hasher
-
-    async def _whole_file_hasher(self, verify: VerifyOption, memories: Mapping[str, Memory]) -> OrderedHasher:
-        """A hasher over the whole object: header bytes, then every tensor of ``memories`` where it lands."""
-        if isinstance(verify, str) and verify != "strict":
-            expected = parse_digest(verify)
-        else:
-            found = await self.engine.run(self.source.published_digest)
-            if found is None:
-                sidecar = await self._sidecar()
-                found = sidecar.whole(self.url) if sidecar else None
-            if found is None:
-                raise IntegrityError(
-                    f"{self.url}: verify asked, but the source publishes no digest and there is no "
-                    f"{SIDECAR_SUFFIX} sidecar; pass verify='sha256:<hex>' or write one with 'stream-st digest'",
-                    url=self.url,
-                )
-            expected = found
-        segments: list[tuple[int, int, Memory]] = [(0, self.header.data_start, self.header_bytes())]
-        segments += [(i.start, i.end, memories[i.name]) for i in self.header if i.nbytes and i.name in memories]
-        hasher = OrderedHasher(self.url, self.header.file_size, expected, segments)
-        hasher.landed(0, len(self._prefix))  # the header, and tensor bytes copied from the prefix
-        return hasher
-
-    async def _sidecar(self) -> Sidecar | None:
-        """``<file>.sha256.json`` next to the file (of the file's own version where the store pins one), or
-        None when there is none; read once per file. A refused one counts as absent: a presigned URL's
-        signature covers its own path only, and S3 answers 403 for a missing key to a client that may not
-        list the bucket."""
-        if self._sidecar_read is None:
-            self._sidecar_read = asyncio.ensure_future(self._read_sidecar())
-        return await asyncio.shield(self._sidecar_read)
-
-    async def _read_sidecar(self) -> Sidecar | None:
-        where = sidecar_location(self.source.pinned_url() or self._location)
-        try:
-            raw = await read_whole(where.url, self.engine, self._storage_options)
-        except (FileNotFoundError, PermissionError) as exc:
-            logger.debug("%s: no sidecar (%s)", where.shown, type(exc).__name__)
-            return None
-        return Sidecar.parse(raw, where.shown)
-
-    async def _sidecar_for_partial(self, verify: VerifyOption) -> Sidecar | None:
-        """Per-tensor digests for a partial load; without them, warn (verify=True) or fail ("strict")."""
-        sidecar = await self._sidecar()
-        if sidecar is None:
-            self._unverifiable(
-                verify,
-                "a partial load cannot be checked against a whole-file digest and there is no "
-                f"{SIDECAR_SUFFIX} sidecar with per-tensor digests ('stream-st digest' writes one)",
-            )
-        return sidecar
-
-    def _unverifiable(self, verify: VerifyOption, why: str) -> None:
-        """Some bytes asked to be verified cannot be: warn (verify=True) or fail (verify="strict")."""
-        if verify == "strict":
-            raise IntegrityError(f"{self.url}: {why}; not verified", url=self.url)
-        warn_caller(f"{self.url}: {why}; loading unverified", IntegrityWarning)
-
-    def _take_from_prefix(self, want: Want, buffer: torch.Tensor) -> list[Want]:
+    def _take_from_prefix(self, want: Want, buffer: torch.Tensor, progress: Progress | None) -> list[Want]:
         """Copy what the header read already fetched; return what is still missing."""
         have = min(want.end, len(self._prefix)) - want.start
         if have <= 0:
@@ -416,8 +293,8 @@ class RemoteFile:
             writable_view(buffer)[at : at + have] = known
         else:  # at most the header prefetch (256 KiB): a plain copy
             buffer[at : at + have].copy_(torch.frombuffer(bytearray(known), dtype=torch.uint8))
-        if self.engine.progress is not None:
-            self.engine.progress.advance(have)
+        if progress is not None:
+            progress.advance(have)
         rest = Want(want.key, want.start + have, want.end, want.dest_offset + have)
         return [rest] if rest.end > rest.start else []
 

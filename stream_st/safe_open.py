@@ -9,8 +9,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from ._loop import gather_or_cancel, run_sync
-from .api import finish, settle
+from ._loop import gather_or_cancel, off_loop, run_sync
+from .api import check_verify, finish, finished, settle
 from .arguments import Device, cast_target, path_or_url, to_device, with_backend, within
 from .config import Config, resolve
 from .errors import HandleClosedError
@@ -65,6 +65,7 @@ class AsyncSafeOpen:
             engine = Engine(self._config)
             try:
                 checkpoint = await open_checkpoint(self._url, engine, self._storage_options)
+                check_verify(checkpoint, self._verify)
                 self._names = await checkpoint.names()
                 if not checkpoint.sharded:
                     self._metadata = (await checkpoint.file(checkpoint.shards[0])).header.metadata
@@ -132,9 +133,7 @@ class AsyncSafeOpen:
             *(file.load(((n, None) for n in group), self._verify, device) for file, group in located.items())
         )
         hosts = {name: host for loaded in loads for name, host in loaded.items()}
-        tensors = {name: finish(hosts[name], self._device, self._dtype) for name in wanted}
-        settle(self._device)
-        return tensors
+        return await finished({name: hosts[name] for name in wanted}, self._device, self._dtype)
 
     async def get_slice(self, name: str) -> AsyncTensorSlice:
         """A lazy view of one tensor: ``(await f.get_slice(name)).read(index)`` fetches what the index needs."""
@@ -162,9 +161,13 @@ class AsyncTensorSlice:
         rows, local = covering_rows(info, index)
         region = Region(0, *rows) if rows else None
         hosts = await self._file.load([(info.name, region)], handle._verify, to_device(handle._device))
-        tensor = finish(hosts[info.name], handle._device, handle._dtype)[local].contiguous()
-        settle(handle._device)
-        return tensor
+
+        def rows_of_index() -> torch.Tensor:  # a cast and a copy of the indexed rows: on a worker thread
+            tensor = finish(hosts[info.name], handle._device, handle._dtype)[local].contiguous()
+            settle(handle._device)
+            return tensor
+
+        return await off_loop(rows_of_index)
 
 
 def covering_rows(info: TensorInfo, index: Index) -> tuple[tuple[int, int] | None, Index]:

@@ -17,7 +17,7 @@ import safetensors.torch
 import stream_st as sst
 from checkpoints import assert_same, layered_state, write
 from servers import RangeServer
-from stream_st import gpu, remote
+from stream_st import gpu, verifier
 from stream_st.cli import main
 from stream_st.errors import IntegrityError, IntegrityWarning
 from stream_st.process_cache import ProcessCache
@@ -31,7 +31,7 @@ def served(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.M
     if request.param == "staged":
         monkeypatch.setattr(RemoteFile, "stage_cpu_loads", True)
         monkeypatch.setattr(gpu, "_pools", ProcessCache())
-        monkeypatch.setattr(remote, "_READ_BACK_BYTES", 1000)  # many read-back chunks, odd boundaries
+        monkeypatch.setattr(verifier, "_READ_BACK_BYTES", 1000)  # many read-back chunks, odd boundaries
     folder = tmp_path / "served"
     folder.mkdir()
     write(folder / "model.safetensors", layered_state())
@@ -113,6 +113,8 @@ def test_sharded_checkpoint_verifies_each_shard(root: Path, tmp_path: Path) -> N
     sst.load_file(str(folder), verify="strict")
     with pytest.raises(ValueError, match="is one digest, but the checkpoint has 3 files"):
         sst.load_file(str(folder), verify="sha256:" + "0" * 64)
+    with pytest.raises(ValueError, match="is one digest, but the checkpoint has 3 files"):
+        sst.safe_open(str(folder), framework="pt", verify="sha256:" + "0" * 64)
     shard = sorted(folder.glob("*.safetensors"))[1]
     flip_byte(shard, shard.stat().st_size - 1)
     with pytest.raises(IntegrityError, match=shard.name):
@@ -211,3 +213,38 @@ def test_iter_tensors_checks_a_whole_file_digest_across_its_batches(served: Any)
     assert names[-1] not in yielded and yielded == names[: len(yielded)]  # the failing batch never came out
     with pytest.raises(sst.ConfigError, match="is a digest of the whole file"):
         next(sst.iter_tensors(url, tensors=names[0], verify=digest))  # a part of the file: not applicable
+
+
+def test_a_file_reads_its_sidecar_once(served: Any) -> None:
+    """One Verifier per opened file: the calls of a safe_open handle (and the files of a load) share the
+    sidecar they read, and each call still checks its own tensors."""
+    server, folder = served
+    path = folder / "model.safetensors"
+    assert main(["digest", str(path), "--output-dir", str(folder)]) == 0
+    server.reset()
+    expected = safetensors.torch.load_file(str(path))
+    with sst.safe_open(server.url("model.safetensors"), framework="pt", verify="strict") as f:
+        for name in ("lm_head.weight", "model.layers.0.mlp.up_proj.weight", "model.layers.2.input_layernorm.weight"):
+            assert_same({name: f.get_tensor(name)}, {name: expected[name]})
+        assert_same(f.get_tensors(), expected)  # the whole file: its digest from the same sidecar
+    assert len(server.gets("model.safetensors.sha256.json")) == 1
+    flip_byte(path, sst.read_header(str(path)).tensors["lm_head.weight"].start + 3)
+    with sst.safe_open(server.url("model.safetensors"), framework="pt", verify=True) as f:
+        f.get_tensor("model.layers.0.mlp.up_proj.weight")  # untouched
+        with pytest.raises(IntegrityError, match="tensor 'lm_head.weight' has sha256"):
+            f.get_tensor("lm_head.weight")
+
+
+def test_a_sidecar_that_failed_to_arrive_is_asked_for_again(served: Any) -> None:
+    """A sidecar read that failed (retries exhausted) fails that call only; the handle's next call reads it."""
+    server, folder = served
+    path = folder / "model.safetensors"
+    assert main(["digest", str(path), "--output-dir", str(folder)]) == 0
+    expected = safetensors.torch.load_file(str(path))
+    with sst.safe_open(server.url("model.safetensors"), framework="pt", verify="strict", retries=0) as f:
+        server.reset()
+        server.quirks.status_once = [503]  # the next request: the sidecar's
+        with pytest.raises(sst.FetchError):
+            f.get_tensor("lm_head.weight")
+        assert_same({"lm_head.weight": f.get_tensor("lm_head.weight")}, {"lm_head.weight": expected["lm_head.weight"]})
+    assert [r.status for r in server.gets("model.safetensors.sha256.json")] == [503, 206]
