@@ -348,15 +348,7 @@ def open_range(
         if status in _REDIRECTS and response.getheader("Location"):
             redirects.append(response.headers)
             pool.discard(conn, response)  # a redirect's body is of no use
-            try:
-                location = urljoin(url, response.getheader("Location", ""))
-            except ValueError:
-                raise FetchError(f"{shown}: the server redirected to an invalid location", url=shown) from None
-            new_parts, new_port = _split(location, shown)
-            if not _keeps_credentials(parts, port, new_parts, new_port):
-                # Credentials are for the origin; a CDN, a presigned target or plain http must not get them.
-                headers = {k: v for k, v in headers.items() if k.lower() in _PER_REQUEST_HEADERS}
-            url, parts, port = location, new_parts, new_port
+            url, parts, port, headers = _redirect(url, parts, port, headers, response.getheader("Location", ""), shown)
             continue
         try:
             total = _check(response, shown, start, end, size=size, etag=etag, ranged=ranged)
@@ -401,6 +393,21 @@ def _send(
             conn.sock.settimeout(read_timeout)  # a stalled body raises socket.timeout instead of hanging
         return response
     raise ConnectionError(f"{shown}: malformed HTTP response ({kind})")
+
+
+def _redirect(
+    url: str, parts: SplitResult, port: int, headers: dict[str, str], location: str, shown: str
+) -> tuple[str, SplitResult, int, dict[str, str]]:
+    """Where a redirect from ``url`` to ``location`` goes, and the request headers that may go with it."""
+    try:
+        target = urljoin(url, location)
+    except ValueError:
+        raise FetchError(f"{shown}: the server redirected to an invalid location", url=shown) from None
+    new_parts, new_port = _split(target, shown)
+    if not _keeps_credentials(parts, port, new_parts, new_port):
+        # Credentials are for the origin; a CDN, a presigned target or plain http must not get them.
+        headers = {k: v for k, v in headers.items() if k.lower() in _PER_REQUEST_HEADERS}
+    return target, new_parts, new_port, headers
 
 
 def _check(
