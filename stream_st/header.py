@@ -630,11 +630,13 @@ def _short(shape: tuple[int, ...]) -> str:
 _STREAMED_METADATA = 1 << 20  # metadata bytes after which HeaderReader drops what it parsed
 _PARSE_WINDOW = 1 << 20  # bytes parse_header hands HeaderReader at a time
 _OPENING_WITHIN = 4096  # bytes in which a streamed header must open its __metadata__ object
+# The reader's loop costs a few microseconds per entry, json's C parser under one: metadata whose first
+# entries average under _LONG_ENTRY bytes is parsed whole (its strings' overhead outweighs its bytes anyway).
+_FIRST_ENTRIES, _LONG_ENTRY = 16, 4096
 _CHECKED_PIECE = 1 << 16  # characters of a long string checked for control characters at a time
 _OPENING = re.compile(rb'[ \t\n\r]*\{[ \t\n\r]*"__metadata__"[ \t\n\r]*:[ \t\n\r]*\{')
 _WHITESPACE = re.compile(rb"[ \t\n\r]*")
 _QUOTE, _BACKSLASH, _COMMA, _COLON, _CLOSE = b'"'[0], b"\\"[0], b","[0], b":"[0], b"}"[0]
-_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)  # Linux, macOS: pages handed back are freed
 
 
 class WholeHeaderNeededError(Exception):
@@ -653,9 +655,9 @@ class _Unusual(Exception):  # noqa: N818  (a signal: not the plain case the read
 class HeaderReader:
     """A header parsed as its bytes arrive in order, window after window, holding little more than what it
     has not parsed yet: a long ``__metadata__`` object at the start (where the safetensors crate writes it)
-    is decoded string by string straight from each window, and the memory of what was parsed is handed back
-    to the system. So a 99 MB header of metadata peaks near its parsed strings, not at its bytes, their
-    decoded text and the strings at once.
+    is decoded string by string straight from each window, and the next window lands in the same memory.
+    So a 99 MB header of metadata peaks near its parsed strings, not at its bytes, their decoded text and
+    the strings at once.
 
     Put up to ``len(space())`` bytes into ``space()``, then call ``landed(count)``, while ``missing``; then
     ``header()``. Any other header (``declined``) is kept whole and parsed as ``parse_header`` does; where
@@ -663,16 +665,15 @@ class HeaderReader:
 
     def __init__(self, *, url: str, header_size: int, file_size: int, window: int) -> None:
         self.url, self.header_size, self.file_size = url, header_size, file_size
-        self.received = 0  # header bytes landed so far, from the header's first byte
+        self.received = 0  # header bytes landed so far
         self.declined = False
-        # Anonymous memory at the header's offsets: a page costs only once written, so the whole header
-        # fits, but only what is kept (windows, or the whole of a declined header) is ever resident.
+        # Anonymous memory: a page costs only once written, so the whole header fits, but only what is kept
+        # (a window and the entry it cut, or the whole of a declined header) is ever resident.
         self._buffer = mmap.mmap(-1, max(1, header_size))
         self._view = memoryview(self._buffer)
         self._window = max(1, window)
+        self._end = 0  # bytes in the buffer: the header's from its start, or once dropping, from _pos's entry
         self._pos = 0  # the next byte to parse
-        self._released = 0  # bytes before this were parsed and their pages handed back
-        self._rest = 0  # in the REST state: where the rest, as an object of its own, starts
         self._state = _State.OPENING
         self._pairs: list[tuple[str, str]] = []
         self._dropping = False  # past _STREAMED_METADATA bytes of metadata: parsed bytes are dropped
@@ -683,31 +684,30 @@ class HeaderReader:
 
     def space(self) -> memoryview:
         """Where the next bytes go: a window while metadata is parsed, then all that is missing."""
+        if self._dropping and self._state is _State.METADATA and self._pos:
+            kept = self._end - self._pos  # the start of the entry the last window cut
+            self._buffer.move(0, self._pos, kept)  # (a window's worth of pages, reused window after window)
+            self._end, self._pos = kept, 0
         size = self.missing if self.declined or self._state is _State.REST else min(self._window, self.missing)
-        return self._view[self.received : self.received + size]
+        return self._view[self._end : self._end + size]
 
     def landed(self, count: int) -> None:
         """``count`` bytes were put at the start of ``space()``."""
+        self._end += count
         self.received += count
         if not self.declined and self._state is not _State.REST:
             self._parse()
-            if self._dropping and _DONTNEED is not None:
-                parsed = min(self._pos, self._rest or self._pos)
-                upto = parsed - parsed % mmap.PAGESIZE
-                if upto > self._released:
-                    self._buffer.madvise(_DONTNEED, self._released, upto - self._released)
-                    self._released = upto
 
     def header(self) -> Header:
         """The validated header, once every byte has landed."""
         if self.missing:
             raise AssertionError(f"{self.missing} header bytes have not landed")
         if self.declined:
-            return _parse_text(self._view[: self.received], url=self.url, file_size=self.file_size)
+            return _parse_text(self._view[: self._end], url=self.url, file_size=self.file_size)
         if self._state is not _State.REST:
             raise AssertionError(f"header parsed to {self._state}")
         try:
-            text = str(self._view[self._rest : self.received], "utf-8")
+            text = str(self._view[: self._end], "utf-8")
         except UnicodeDecodeError:
             raise WholeHeaderNeededError from None
         metadata = tuple(self._pairs)
@@ -736,8 +736,10 @@ class HeaderReader:
                 self._open()
             while self._state is _State.METADATA:
                 self._entry()
-                if not self._dropping and self._pos >= _STREAMED_METADATA:
-                    self._dropping = True
+                if not self._dropping:
+                    if len(self._pairs) > _FIRST_ENTRIES and self._pos < len(self._pairs) * _LONG_ENTRY:
+                        raise _Unusual  # short entries: json parses them faster, and they hold no more memory
+                    self._dropping = self._pos >= _STREAMED_METADATA
             if self._state is _State.AFTER_METADATA:
                 self._close()
         except _More:
@@ -752,9 +754,9 @@ class HeaderReader:
         self.declined = True  # every byte is still there: the rest lands behind it
 
     def _open(self) -> None:
-        found = _OPENING.match(self._buffer, 0, self.received)
+        found = _OPENING.match(self._buffer, 0, self._end)
         if found is None:
-            if self.received < min(_OPENING_WITHIN, self.header_size):
+            if self._end < min(_OPENING_WITHIN, self.header_size):
                 raise _More
             raise _Unusual
         self._pos = found.end()
@@ -762,7 +764,7 @@ class HeaderReader:
 
     def _entry(self) -> None:
         """One ``"key": "value"`` and the comma or brace after it (or the brace of an empty object)."""
-        buffer, end = self._buffer, self.received
+        buffer, end = self._buffer, self._end
         at = _WHITESPACE.match(buffer, self._pos, end).end()  # type: ignore[union-attr]  # matches ""
         if at >= end:
             raise _More
@@ -783,8 +785,8 @@ class HeaderReader:
         self._pos = at + 1
 
     def _expect(self, at: int, byte: int) -> int:
-        at = _WHITESPACE.match(self._buffer, at, self.received).end()  # type: ignore[union-attr]
-        if at >= self.received:
+        at = _WHITESPACE.match(self._buffer, at, self._end).end()  # type: ignore[union-attr]
+        if at >= self._end:
             raise _More
         if self._buffer[at] != byte:
             raise _Unusual
@@ -792,7 +794,7 @@ class HeaderReader:
 
     def _string(self, at: int) -> tuple[str, int]:
         """The JSON string whose opening quote is at ``at``, and the index after its closing quote."""
-        buffer, view, end = self._buffer, self._view, self.received
+        buffer, view, end = self._buffer, self._view, self._end
         if at >= end:
             raise _More
         if buffer[at] != _QUOTE:
@@ -825,7 +827,7 @@ class HeaderReader:
 
     def _close(self) -> None:
         """After the metadata object: a comma and the next key, or the brace that ends the header."""
-        buffer, end = self._buffer, self.received
+        buffer, end = self._buffer, self._end
         at = _WHITESPACE.match(buffer, self._pos, end).end()  # type: ignore[union-attr]
         if at >= end:
             raise _More
@@ -839,10 +841,10 @@ class HeaderReader:
             raise _Unusual
         if not self._dropping:
             raise _Unusual  # short metadata: the whole-text parser is as fast, and has every byte
-        # The rest (the tensor entries, or the closing brace) is parsed at the end as an object of its own:
-        # the byte before it (a comma, a brace or whitespace, all parsed) becomes its opening brace.
-        self._rest = at - 1
-        self._buffer[self._rest] = b"{"[0]
+        # The rest (the tensor entries, or the closing brace) is parsed at the end, as an object of its own.
+        self._buffer.move(1, at, end - at)
+        self._buffer[0] = b"{"[0]
+        self._end, self._pos = 1 + end - at, 0
         self._state = _State.REST
 
 

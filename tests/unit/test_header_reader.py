@@ -200,6 +200,14 @@ def test_other_headers_are_declined_and_parsed_whole(text: str) -> None:
         assert streamed(header, window) == (expected, "declined")
 
 
+def test_metadata_of_short_entries_is_declined_and_parsed_whole() -> None:
+    header = raw('{"__metadata__":{' + ",".join(f'"key{i}":"{"v" * 30}"' for i in range(40_000)) + "}," + W + "}")
+    assert len(header) > 1 << 20
+    expected = whole(header)
+    assert isinstance(expected, header_module.Header)
+    assert streamed(header, 1 << 16) == (expected, "declined")
+
+
 def test_the_opening_must_land_in_the_first_4_kib() -> None:
     header = raw(" " * 5000 + metadata_first('"a"'))
     expected = whole(header)
@@ -207,16 +215,18 @@ def test_the_opening_must_land_in_the_first_4_kib() -> None:
     assert streamed(header, 1 << 20) == (expected, "streamed")
 
 
-def test_parsed_windows_are_handed_back() -> None:
-    """The reader holds about a window of the header's bytes, not all it has seen."""
+def test_parsed_windows_are_dropped() -> None:
+    """The reader holds a window and the entry it cut, not all it has seen: its buffer's pages are reused."""
     header = raw(metadata_first(*['"' + "y" * 100_000 + '"'] * 20))
     reader = HeaderReader(url=URL, header_size=len(header), file_size=8 + len(header) + DATA, window=1 << 16)
-    while reader.received < 3_000_000:
+    held = []
+    while reader.missing:
         space = reader.space()
         space[:] = header[reader.received : reader.received + len(space)]
         reader.landed(len(space))
-    assert reader._dropping  # past the point where it drops what it parsed
-    assert reader.received - reader._released <= (1 << 16) + 100_000 + 4096  # a window and the value it cut
+        held.append(reader._end)  # bytes in its buffer, which starts where the first unparsed entry does
+    assert reader._dropping and reader.header() == whole(header)
+    assert max(held[20:]) <= (1 << 16) + 100_000 + 100  # a window, and the value it cut (and its key)
 
 
 # --- random strings, random windows ------------------------------------------------------------------------
