@@ -675,6 +675,9 @@ class HeaderReader:
         self._end = 0  # bytes in the buffer: the header's from its start, or once dropping, from _pos's entry
         self._pos = 0  # the next byte to parse
         self._state = _State.OPENING
+        # A string the last window cut, as offsets from _pos: (its opening quote, how far it was searched for
+        # its closing quote, whether it holds a backslash), so that the next window's search goes on from there.
+        self._cut: tuple[int, int, bool] | None = None
         self._pairs: list[tuple[str, str]] = []
         self._dropping = False  # past _STREAMED_METADATA bytes of metadata: parsed bytes are dropped
 
@@ -782,7 +785,7 @@ class HeaderReader:
         elif buffer[at] != _COMMA:
             raise _Unusual
         self._pairs.append((key, value))
-        self._pos = at + 1
+        self._pos, self._cut = at + 1, None
 
     def _expect(self, at: int, byte: int) -> int:
         at = _WHITESPACE.match(self._buffer, at, self._end).end()  # type: ignore[union-attr]
@@ -799,21 +802,24 @@ class HeaderReader:
             raise _More
         if buffer[at] != _QUOTE:
             raise _Unusual
-        start = at + 1
-        close = buffer.find(b'"', start, end)
-        if close < 0:
-            raise _More
-        if buffer.find(b"\\", start, close) < 0:
-            return _plain_string(view, start, close), close + 1
-        while True:  # an escape: the closing quote is the first one after an even run of backslashes
+        start = search = at + 1
+        escaped = False
+        if self._cut is not None and self._cut[0] == at - self._pos:  # a string longer than the last window:
+            search, escaped = self._pos + self._cut[1], self._cut[2]  # search on where that window ended
+        close = buffer.find(b'"', search, end)
+        escaped = escaped or buffer.find(b"\\", search, end if close < 0 else close) >= 0
+        while close >= 0 and escaped:  # the closing quote is the first one after an even run of backslashes
             before = close
             while buffer[before - 1] == _BACKSLASH:
                 before -= 1
             if (close - before) % 2 == 0:
                 break
             close = buffer.find(b'"', close + 1, end)
-            if close < 0:
-                raise _More
+        if close < 0:
+            self._cut = (at - self._pos, end - self._pos, escaped)  # (offsets survive the move to the front)
+            raise _More
+        if not escaped:
+            return _plain_string(view, start, close), close + 1
         text = str(view[at : close + 1], "utf-8")
         value, stop = scanstring(text, 1, True)
         if stop != len(text):

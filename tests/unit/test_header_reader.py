@@ -73,6 +73,7 @@ VALID = [
     pytest.param(metadata_first('"v"', keys=[r'"k\u0041\n"']), id="escaped-key"),
     pytest.param(metadata_first('"' + "y" * 3_000_000 + '"'), id="value-longer-than-windows"),
     pytest.param(metadata_first('"' + "\\n" * 200_000 + '"'), id="long-escaped-value"),
+    pytest.param(metadata_first('"' + "y" * 70_000 + '\\"' + "y" * 70_000 + '\\\\"'), id="long-value-escapes-late"),
     pytest.param(metadata_first('"z"', rest="}"), id="no-tensors"),
     pytest.param(metadata_first('"z"', rest="} \n\t"), id="no-tensors-trailing-space"),
     pytest.param(
