@@ -771,7 +771,7 @@ class HeaderReader:
         at = _WHITESPACE.match(buffer, self._pos, end).end()  # type: ignore[union-attr]  # matches ""
         if at >= end:
             raise _More
-        if buffer[at] == _CLOSE and not self._pairs:  # {}: after a comma, a key must follow
+        if buffer[at] == _CLOSE and not self._pairs:  # an empty object (after a comma, only a key may follow)
             self._pos, self._state = at + 1, _State.AFTER_METADATA
             return
         key, at = self._string(at)
