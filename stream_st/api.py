@@ -24,7 +24,7 @@ from .location import redact
 from .modules import apply_state, tied_groups
 from .parallel import RegionOf, TensorParallel, load_raw, whole, with_regions
 from .progress import Progress, ProgressOption, make_progress
-from .remote import RemoteFile
+from .remote import RemoteFile, fetch_header
 from .select import Selection
 from .shards import Checkpoint, open_checkpoint
 from .sinks import OutputTensor
@@ -236,8 +236,8 @@ async def read_header_async(
     cfg = resolve(config, options)
 
     async def read() -> Header:
-        async with open_remote(url, cfg, storage_options) as file:
-            return file.header
+        async with open_engine(url, cfg) as engine:
+            return await fetch_header(url, engine, storage_options)
 
     return await within(cfg.timeout, f"{redact(url)}: read_header", read())
 

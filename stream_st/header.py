@@ -13,15 +13,18 @@ all (an HTML page, a zip or pickle checkpoint, ...) is named as what it looks li
 
 from __future__ import annotations
 
+import enum
 import gc
 import json
 import math
+import mmap
 import re
 import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import chain, islice
+from json.decoder import scanstring  # type: ignore[attr-defined]
 from typing import Any, NamedTuple
 
 from .dtypes import DTYPE_BITS
@@ -194,7 +197,27 @@ _MAX_INT64 = 2**63 - 1  # torch sizes and offsets are int64
 
 def parse_header(raw: bytes | bytearray | memoryview, *, url: str, file_size: int) -> Header:
     """Validate the JSON header ``raw`` (the N bytes after the length) of an object of ``file_size`` bytes."""
-    header_size = memoryview(raw).nbytes
+    view = memoryview(raw)
+    if view.nbytes > _STREAMED_METADATA:
+        # Window by window, as HeaderReader takes a download: a long __metadata__ is decoded value by value
+        # (one copy of it, not the decoded text and then the strings json builds from it).
+        reader = HeaderReader(url=url, header_size=view.nbytes, file_size=file_size, window=_PARSE_WINDOW)
+        flat = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+        try:
+            while reader.missing and not reader.declined:
+                space = reader.space()
+                space[:] = flat[reader.received : reader.received + len(space)]
+                reader.landed(len(space))
+            if not reader.declined:
+                return reader.header()
+        except WholeHeaderNeededError:
+            pass  # something only the whole-text parser names (invalid JSON, most likely): it has the bytes
+    return _parse_text(view, url=url, file_size=file_size)
+
+
+def _parse_text(raw: memoryview, *, url: str, file_size: int) -> Header:
+    """``parse_header`` of the header decoded whole and parsed by ``json``: any header, any error."""
+    header_size = raw.nbytes
     try:
         text = str(raw, "utf-8")
     except UnicodeDecodeError as exc:
@@ -203,31 +226,47 @@ def parse_header(raw: bytes | bytearray | memoryview, *, url: str, file_size: in
     if text[first : first + 1] != "{":
         got = text[first : first + 20]
         raise HeaderError(f"{url}: header must be a JSON object starting with '{{', got {got!r}", url=url)
+    with _gc_paused():
+        doc, escaped_surrogate = _loads(text, url=url, size=header_size)
+        del text  # before the tensors are built: the peak is the text or the parsed tree, not both
+        try:
+            return _header(doc, escaped_surrogate, url=url, header_size=header_size, file_size=file_size)
+        finally:
+            del doc  # freed while the collector still sleeps, so it never scans the parsed tree
+
+
+def _loads(text: str, *, url: str, size: int) -> tuple[tuple[tuple[str, object], ...], bool]:
+    """The JSON object ``text`` as a tuple of pairs, and whether it may hold an escaped surrogate."""
     # UTF-8 cannot carry a surrogate, so a lone one can only come from a \\uD8xx-\\uDFxx escape.
     # (Searching one character first: a memchr, ten times faster than a substring search over 100 MB.)
     escaped_surrogate = "\\" in text and ("\\ud" in text or "\\uD" in text)
-    with _gc_paused():
-        try:
-            # Objects become tuples of pairs (arrays stay lists): parsed in C, duplicates still visible.
-            doc = json.loads(text, object_pairs_hook=tuple, parse_constant=_no_constant, parse_int=_int_rule(text))
-        except RecursionError:
-            raise HeaderError(f"{url}: header JSON is nested too deeply", url=url) from None
-        except MemoryError:
-            raise HeaderError(f"{url}: header of {header_size} bytes is too large to parse here", url=url) from None
-        except ValueError as exc:
-            raise HeaderError(f"{url}: header is not valid JSON ({exc})", url=url) from None
-        del text  # before the tensors are built: the peak is the text or the parsed tree, not both
-        try:
-            if escaped_surrogate:
-                _reject_lone_surrogates(doc, url)
-            tensors, metadata = _validated(doc, url=url, data_start=LENGTH_PREFIX + header_size, file_size=file_size)
-        except HeaderError as exc:
-            del doc
-            # Its traceback's frames hold the parsed tree and the tensors built so far: dropped here, while
-            # the collector still sleeps, they are freed at once instead of scanned when it wakes.
-            exc.__traceback__ = None
-            raise exc from None
-        del doc  # freed while the collector still sleeps, so it never scans the parsed tree
+    try:
+        # Objects become tuples of pairs (arrays stay lists): parsed in C, duplicates still visible.
+        doc = json.loads(text, object_pairs_hook=tuple, parse_constant=_no_constant, parse_int=_int_rule(text))
+    except RecursionError:
+        raise HeaderError(f"{url}: header JSON is nested too deeply", url=url) from None
+    except MemoryError:
+        raise HeaderError(f"{url}: header of {size} bytes is too large to parse here", url=url) from None
+    except ValueError as exc:
+        raise HeaderError(f"{url}: header is not valid JSON ({exc})", url=url) from None
+    return doc, escaped_surrogate
+
+
+def _header(
+    doc: tuple[tuple[str, object], ...], escaped_surrogate: bool, *, url: str, header_size: int, file_size: int
+) -> Header:
+    """The ``Header`` of a parsed document, validated. Called while the collector is paused, by a caller
+    that drops ``doc`` before it wakes (else the collector would scan the whole parsed tree)."""
+    try:
+        if escaped_surrogate:
+            _reject_lone_surrogates(doc, url)
+        tensors, metadata = _validated(doc, url=url, data_start=LENGTH_PREFIX + header_size, file_size=file_size)
+    except HeaderError as exc:
+        del doc
+        # Its traceback's frames hold the parsed tree and the tensors built so far: dropped here, while
+        # the collector still sleeps, they are freed at once instead of scanned when it wakes.
+        exc.__traceback__ = None
+        raise exc from None
     return Header(url=url, header_size=header_size, file_size=file_size, tensors=tensors, metadata=metadata)
 
 
@@ -584,3 +623,250 @@ def _bits_needed(shape: tuple[int, ...], bits: int) -> int:
 
 def _short(shape: tuple[int, ...]) -> str:
     return str(list(shape)) if len(shape) <= 8 else f"[{', '.join(map(str, shape[:8]))}, ...] ({len(shape)} dims)"
+
+
+# --- a header read window by window --------------------------------------------------------------------------
+
+_STREAMED_METADATA = 1 << 20  # metadata bytes after which HeaderReader drops what it parsed
+_PARSE_WINDOW = 1 << 20  # bytes parse_header hands HeaderReader at a time
+_OPENING_WITHIN = 4096  # bytes in which a streamed header must open its __metadata__ object
+# The reader's loop costs a few microseconds per entry, json's C parser under one: metadata whose first
+# entries average under _LONG_ENTRY bytes is parsed whole (its strings' overhead outweighs its bytes anyway).
+_FIRST_ENTRIES, _LONG_ENTRY = 16, 4096
+_CHECKED_PIECE = 1 << 16  # characters of a long string checked for control characters at a time
+_OPENING = re.compile(rb'[ \t\n\r]*\{[ \t\n\r]*"__metadata__"[ \t\n\r]*:[ \t\n\r]*\{')
+_WHITESPACE = re.compile(rb"[ \t\n\r]*")
+_QUOTE, _BACKSLASH, _COMMA, _COLON, _CLOSE = b'"'[0], b"\\"[0], b","[0], b":"[0], b"}"[0]
+
+
+class WholeHeaderNeededError(Exception):
+    """``HeaderReader`` dropped bytes it had parsed, then met what only the whole-text parser handles (most
+    likely an error it must name exactly): read the header again and give it to ``parse_header``."""
+
+
+class _More(Exception):  # noqa: N818  (a signal, not an error: the window ends inside the next entry)
+    pass
+
+
+class _Unusual(Exception):  # noqa: N818  (a signal: not the plain case the reader decodes itself)
+    pass
+
+
+class HeaderReader:
+    """A header parsed as its bytes arrive in order, window after window, holding little more than what it
+    has not parsed yet: a long ``__metadata__`` object at the start (where the safetensors crate writes it)
+    is decoded string by string straight from each window, and the next window lands in the same memory.
+    So a 99 MB header of metadata peaks near its parsed strings, not at its bytes, their decoded text and
+    the strings at once.
+
+    Put up to ``len(space())`` bytes into ``space()``, then call ``landed(count)``, while ``missing``; then
+    ``header()``. Any other header (``declined``) is kept whole and parsed as ``parse_header`` does; where
+    the reader had dropped bytes already, ``WholeHeaderNeededError`` says to read it again."""
+
+    def __init__(self, *, url: str, header_size: int, file_size: int, window: int) -> None:
+        self.url, self.header_size, self.file_size = url, header_size, file_size
+        self.received = 0  # header bytes landed so far
+        self.declined = False
+        # Anonymous memory: a page costs only once written, so the whole header fits, but only what is kept
+        # (a window and the entry it cut, or the whole of a declined header) is ever resident.
+        self._buffer = mmap.mmap(-1, max(1, header_size))
+        self._view = memoryview(self._buffer)
+        self._window = max(1, window)
+        self._end = 0  # bytes in the buffer: the header's from its start, or once dropping, from _pos's entry
+        self._pos = 0  # the next byte to parse
+        self._state = _State.OPENING
+        # A string the last window cut, as offsets from _pos: (its opening quote, how far it was searched for
+        # its closing quote, whether it holds a backslash), so that the next window's search goes on from there.
+        self._cut: tuple[int, int, bool] | None = None
+        self._pairs: list[tuple[str, str]] = []
+        self._dropping = False  # past _STREAMED_METADATA bytes of metadata: parsed bytes are dropped
+
+    @property
+    def missing(self) -> int:
+        return self.header_size - self.received
+
+    def space(self) -> memoryview:
+        """Where the next bytes go: a window while metadata is parsed, then all that is missing."""
+        if self._dropping and self._state is _State.METADATA and self._pos:
+            kept = self._end - self._pos  # the start of the entry the last window cut
+            self._buffer.move(0, self._pos, kept)  # (a window's worth of pages, reused window after window)
+            self._end, self._pos = kept, 0
+        size = self.missing if self.declined or self._state is _State.REST else min(self._window, self.missing)
+        return self._view[self._end : self._end + size]
+
+    def landed(self, count: int) -> None:
+        """``count`` bytes were put at the start of ``space()``."""
+        self._end += count
+        self.received += count
+        if not self.declined and self._state is not _State.REST:
+            self._parse()
+
+    def header(self) -> Header:
+        """The validated header, once every byte has landed."""
+        if self.missing:
+            raise AssertionError(f"{self.missing} header bytes have not landed")
+        if self.declined:
+            return _parse_text(self._view[: self._end], url=self.url, file_size=self.file_size)
+        if self._state is not _State.REST:
+            raise AssertionError(f"header parsed to {self._state}")
+        try:
+            text = str(self._view[: self._end], "utf-8")
+        except UnicodeDecodeError:
+            raise WholeHeaderNeededError from None
+        metadata = tuple(self._pairs)
+        self._pairs.clear()
+        with _gc_paused():
+            try:
+                rest, escaped_surrogate = _loads(text, url=self.url, size=self.header_size)
+            except HeaderError:
+                raise WholeHeaderNeededError from None  # its message names positions in the whole text
+            del text
+            doc = ((METADATA_KEY, metadata), *rest)
+            del metadata, rest
+            try:
+                # The metadata strings hold no lone surrogate (checked as they were decoded), so the check
+                # of the rest decides as the check of the whole document would.
+                return _header(
+                    doc, escaped_surrogate, url=self.url, header_size=self.header_size, file_size=self.file_size
+                )
+            finally:
+                del doc
+
+    def _parse(self) -> None:
+        """Parse what landed as far as it goes; an entry cut by the end of a window waits for the next."""
+        try:
+            if self._state is _State.OPENING:
+                self._open()
+            while self._state is _State.METADATA:
+                self._entry()
+                if not self._dropping:
+                    if len(self._pairs) > _FIRST_ENTRIES and self._pos < len(self._pairs) * _LONG_ENTRY:
+                        raise _Unusual  # short entries: json parses them faster, and they hold no more memory
+                    self._dropping = self._pos >= _STREAMED_METADATA
+            if self._state is _State.AFTER_METADATA:
+                self._close()
+        except _More:
+            if not self.missing:
+                self._unusual()  # the header ends inside the metadata: an error the whole parse names
+        except (_Unusual, ValueError, MemoryError):  # incl. invalid UTF-8 and JSON (scanstring's errors)
+            self._unusual()
+
+    def _unusual(self) -> None:
+        if self._dropping:
+            raise WholeHeaderNeededError
+        self.declined = True  # every byte is still there: the rest lands behind it
+
+    def _open(self) -> None:
+        found = _OPENING.match(self._buffer, 0, self._end)
+        if found is None:
+            if self._end < min(_OPENING_WITHIN, self.header_size):
+                raise _More
+            raise _Unusual
+        self._pos = found.end()
+        self._state = _State.METADATA
+
+    def _entry(self) -> None:
+        """One ``"key": "value"`` and the comma or brace after it (or the brace of an empty object)."""
+        buffer, end = self._buffer, self._end
+        at = _WHITESPACE.match(buffer, self._pos, end).end()  # type: ignore[union-attr]  # matches ""
+        if at >= end:
+            raise _More
+        if buffer[at] == _CLOSE and not self._pairs:  # an empty object (after a comma, only a key may follow)
+            self._pos, self._state = at + 1, _State.AFTER_METADATA
+            return
+        key, at = self._string(at)
+        at = self._expect(at, _COLON)
+        value, at = self._string(_WHITESPACE.match(buffer, at, end).end())  # type: ignore[union-attr]
+        at = _WHITESPACE.match(buffer, at, end).end()  # type: ignore[union-attr]
+        if at >= end:
+            raise _More
+        if buffer[at] == _CLOSE:
+            self._state = _State.AFTER_METADATA
+        elif buffer[at] != _COMMA:
+            raise _Unusual
+        self._pairs.append((key, value))
+        self._pos, self._cut = at + 1, None
+
+    def _expect(self, at: int, byte: int) -> int:
+        at = _WHITESPACE.match(self._buffer, at, self._end).end()  # type: ignore[union-attr]
+        if at >= self._end:
+            raise _More
+        if self._buffer[at] != byte:
+            raise _Unusual
+        return at + 1
+
+    def _string(self, at: int) -> tuple[str, int]:
+        """The JSON string whose opening quote is at ``at``, and the index after its closing quote."""
+        buffer, view, end = self._buffer, self._view, self._end
+        if at >= end:
+            raise _More
+        if buffer[at] != _QUOTE:
+            raise _Unusual
+        start = search = at + 1
+        escaped = False
+        if self._cut is not None and self._cut[0] == at - self._pos:  # a string longer than the last window:
+            search, escaped = self._pos + self._cut[1], self._cut[2]  # search on where that window ended
+        close = buffer.find(b'"', search, end)
+        escaped = escaped or buffer.find(b"\\", search, end if close < 0 else close) >= 0
+        while close >= 0 and escaped:  # the closing quote is the first one after an even run of backslashes
+            before = close
+            while buffer[before - 1] == _BACKSLASH:
+                before -= 1
+            if (close - before) % 2 == 0:
+                break
+            close = buffer.find(b'"', close + 1, end)
+        if close < 0:
+            self._cut = (at - self._pos, end - self._pos, escaped)  # (offsets survive the move to the front)
+            raise _More
+        if not escaped:
+            return _plain_string(view, start, close), close + 1
+        text = str(view[at : close + 1], "utf-8")
+        value, stop = scanstring(text, 1, True)
+        if stop != len(text):
+            raise _Unusual
+        if "\\u" in text:
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise _Unusual from None  # a lone surrogate: refused, as the whole-text parser names it
+        return value, close + 1
+
+    def _close(self) -> None:
+        """After the metadata object: a comma and the next key, or the brace that ends the header."""
+        buffer, end = self._buffer, self._end
+        at = _WHITESPACE.match(buffer, self._pos, end).end()  # type: ignore[union-attr]
+        if at >= end:
+            raise _More
+        if buffer[at] == _COMMA:
+            at = _WHITESPACE.match(buffer, at + 1, end).end()  # type: ignore[union-attr]
+            if at >= end:
+                raise _More
+            if buffer[at] != _QUOTE:
+                raise _Unusual
+        elif buffer[at] != _CLOSE:
+            raise _Unusual
+        if not self._dropping:
+            raise _Unusual  # short metadata: the whole-text parser is as fast, and has every byte
+        # The rest (the tensor entries, or the closing brace) is parsed at the end, as an object of its own.
+        self._buffer.move(1, at, end - at)
+        self._buffer[0] = b"{"[0]
+        self._end, self._pos = 1 + end - at, 0
+        self._state = _State.REST
+
+
+class _State(enum.Enum):
+    OPENING = enum.auto()  # before the __metadata__ object
+    METADATA = enum.auto()  # inside it
+    AFTER_METADATA = enum.auto()  # after its closing brace
+    REST = enum.auto()  # the tensor entries: kept to be parsed whole
+
+
+def _plain_string(view: memoryview, start: int, close: int) -> str:
+    """The string of the bytes between quotes at ``start - 1`` and ``close``, which hold no backslash; a
+    ``ValueError`` if they are not UTF-8 or hold a control character (json's own check, in C)."""
+    if close - start <= _CHECKED_PIECE:
+        return scanstring(str(view[start : close + 1], "utf-8"), 0, True)[0]  # type: ignore[no-any-return]
+    value = str(view[start:close], "utf-8")
+    for at in range(0, len(value), _CHECKED_PIECE):
+        scanstring(value[at : at + _CHECKED_PIECE] + '"', 0, True)
+    return value

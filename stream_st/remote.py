@@ -12,7 +12,15 @@ from ._loop import off_loop, warn_caller
 from .cache import open_cached
 from .errors import FetchError, ObjectChangedError, RangeIgnoredWarning, credentials_error
 from .fetch import Engine
-from .header import LENGTH_PREFIX, Header, TensorInfo, declared_header_size, parse_header
+from .header import (
+    LENGTH_PREFIX,
+    Header,
+    HeaderReader,
+    TensorInfo,
+    WholeHeaderNeededError,
+    declared_header_size,
+    parse_header,
+)
 from .integrity import VerifyOption
 from .location import redact
 from .opening import open_source
@@ -92,12 +100,7 @@ class RemoteFile:
             header = parse_header(memoryview(prefix)[LENGTH_PREFIX:header_end], url=source.url, file_size=probe.size)
             if found is not None:
                 _check_same_version(found, source, prefix[:header_end])
-            if not source.ranges:
-                warn_caller(
-                    f"{source.url}: the server ignores Range requests, so every load of it streams the object from "
-                    "its first byte and drops what it does not need (a partial load costs the whole download)",
-                    RangeIgnoredWarning,
-                )
+            _warn_if_ranges_ignored(source)
         except BaseException:
             source.close()
             raise
@@ -300,6 +303,64 @@ class RemoteFile:
 
     def close(self) -> None:
         self.source.close()
+
+
+def _warn_if_ranges_ignored(source: Source) -> None:
+    if not source.ranges:
+        warn_caller(
+            f"{source.url}: the server ignores Range requests, so every load of it streams the object from "
+            "its first byte and drops what it does not need (a partial load costs the whole download)",
+            RangeIgnoredWarning,
+        )
+
+
+async def fetch_header(url: str, engine: Engine, storage_options: Mapping[str, Any] | None = None) -> Header:
+    """The validated header of ``url`` alone. ``RemoteFile.open`` keeps the header's bytes (a load reuses
+    them); this drops them as they are parsed: a header longer than the first GET is read a window
+    (``part_size``) at a time into a ``HeaderReader``, so that a 99 MB header of metadata peaks near the
+    size of its parsed strings, not twice it."""
+    source, probe = await probed(url, engine, storage_options)
+    try:
+        size = declared_header_size(
+            probe.prefix, url=source.url, file_size=probe.size, max_header_size=engine.config.max_header_size
+        )
+        end = LENGTH_PREFIX + size
+        header = None
+        if end > len(probe.prefix) and source.ranges:
+            header = await _read_in_windows(engine, source, probe, size)
+        if header is None:
+            prefix = await _extend(engine, source, probe.prefix, end)
+            header = parse_header(memoryview(prefix)[LENGTH_PREFIX:end], url=source.url, file_size=probe.size)
+        _warn_if_ranges_ignored(source)
+        return header
+    finally:
+        source.close()
+
+
+async def _read_in_windows(engine: Engine, source: Source, probe: Probe, size: int) -> Header | None:
+    """The header of ``size`` bytes parsed window after window; None where the reader dropped bytes it then
+    needed (an invalid header, most likely), for the caller to read it again whole."""
+    reader = HeaderReader(url=source.url, header_size=size, file_size=probe.size, window=engine.config.part_size)
+    first = memoryview(probe.prefix)[LENGTH_PREFIX : LENGTH_PREFIX + size]
+    try:
+        while reader.received < len(first):
+            space = reader.space()
+            count = min(len(space), len(first) - reader.received)
+            space[:count] = first[reader.received : reader.received + count]
+            reader.landed(count)
+        while reader.missing:
+            space = reader.space()
+            start = LENGTH_PREFIX + reader.received
+            await engine.fetch(source, [Want("<header>", start, start + len(space), 0)], _into(space))
+            reader.landed(len(space))
+        return reader.header()
+    except WholeHeaderNeededError:
+        logger.debug("%s: header read again whole, to be parsed by the whole-text parser", source.url)
+        return None
+
+
+def _into(space: memoryview) -> Callable[[object], memoryview]:
+    return lambda _: space
 
 
 def _check_same_version(found: held.HeldFile, source: Source, header_bytes: memoryview | bytes | bytearray) -> None:
