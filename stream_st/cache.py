@@ -448,34 +448,55 @@ def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
 # --- the background writer and syncer --------------------------------------------------------------------
 
 
-class _Pending:
-    """The writes a stream queued straight from its caller's memory: it waits for them before it is closed,
-    after which that memory is the caller's again (a tensor returned to the user, a slot reused, or freed)."""
+class _OutputMemory:
+    """The host outputs of the loads in progress on one source (address ranges): blocks that lie in them, at
+    addresses aligned like the file, are written to the cache from where they are, without a copy. A load
+    waits for those writes (``release``) before its tensors are returned or freed; until then nothing else
+    writes to that memory, so the bytes written are the bytes landed."""
 
     def __init__(self) -> None:
-        self._count = 0
         self._changed = threading.Condition()
+        self._ranges: dict[int, int] = {}  # start address -> end address
+        self._writes = 0
 
-    def change(self, by: int) -> None:
+    def hold(self, ranges: list[tuple[int, int]]) -> None:
         with self._changed:
-            self._count += by
+            self._ranges.update(ranges)
+
+    def take(self, view: memoryview) -> bool:
+        """Whether ``view`` lies in a held output (then it is counted as a write in flight)."""
+        start = _address(view)
+        end = start + len(view)
+        with self._changed:
+            if not any(a <= start and end <= b for a, b in self._ranges.items()):
+                return False
+            self._writes += 1
+            return True
+
+    def written(self) -> None:
+        with self._changed:
+            self._writes -= 1
             self._changed.notify_all()
 
-    def wait(self) -> None:
+    def release(self, ranges: list[tuple[int, int]]) -> None:
+        """Wait until no write from held memory is in flight, then forget ``ranges``."""
         with self._changed:
-            while self._count:
+            while self._writes:
                 self._changed.wait()
+            for start, _ in ranges:
+                self._ranges.pop(start, None)
 
 
 class _Writer:
     """Writes cache bytes: buffered ones at once; whole blocks with O_DIRECT by daemon threads, each range
-    recorded once it is on the disk. Blocks whose memory is aligned like the file (``sinks.output_tensor``
-    places outputs so while a cache entry is written) are written from that memory, and the stream waits
-    for them when it closes; others are first copied into one of at most ``_BOUNCES`` aligned buffers, which
-    frees the caller's memory at once (a pinned slot can be reused) and bounds what is queued."""
+    recorded once it is on the disk. Blocks in a load's held outputs at addresses aligned like the file
+    (``sinks.output_tensor`` places outputs so while a cache entry is written) are written from there, and
+    the load waits for them (``_OutputMemory.release``); others are first copied into one of at most
+    ``_BOUNCES`` aligned buffers, which frees the caller's memory at once (a pinned slot can be reused) and
+    bounds what is queued."""
 
     def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[tuple[Entry, int, memoryview, memoryview | None, _Pending | None]] = (
+        self._jobs: queue.SimpleQueue[tuple[Entry, int, memoryview, memoryview | None, _OutputMemory | None]] = (
             queue.SimpleQueue()
         )
         self._free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
@@ -487,10 +508,12 @@ class _Writer:
         for n in range(_WRITER_THREADS):
             threading.Thread(target=self._run, name=f"stream_st-cache-{n}", daemon=True).start()
 
-    def write(self, entry: Entry, offset: int, view: memoryview, pending: _Pending) -> list[tuple[int, int]]:
+    def write(
+        self, entry: Entry, offset: int, view: memoryview, outputs: _OutputMemory | None = None
+    ) -> list[tuple[int, int]]:
         """Write ``view`` at ``offset`` of ``entry``; return the ranges already written (the caller records
-        them); the whole blocks are recorded by the writer threads when written. Writes made from ``view``
-        itself are counted in ``pending``."""
+        them); the whole blocks are recorded by the writer threads when written, from ``view`` itself if it
+        lies in ``outputs`` aligned like the file."""
         end = offset + len(view)
         first, last = _round_up(offset), end // _BLOCK * _BLOCK
         if entry.direct is None or len(view) < _WRITE_NOW_BELOW or last - first < _BLOCK:
@@ -499,9 +522,8 @@ class _Writer:
         _pwrite_all(entry.data, view[: first - offset], offset)
         _pwrite_all(entry.data, view[last - offset :], last)
         blocks = view[first - offset : last - offset]
-        if not blocks.readonly and _address(blocks) % _BLOCK == 0:
-            pending.change(+1)
-            self._queue(entry, first, blocks, None, pending)  # no copy: the memory is aligned like the file
+        if outputs is not None and not blocks.readonly and _address(blocks) % _BLOCK == 0 and outputs.take(blocks):
+            self._queue(entry, first, blocks, None, outputs)  # no copy: the memory is aligned like the file
             return [(offset, first), (last, end)]
         at = first
         while at < last:
@@ -513,12 +535,12 @@ class _Writer:
         return [(offset, first), (last, end)]
 
     def _queue(
-        self, entry: Entry, at: int, memory: memoryview, bounce: memoryview | None, pending: _Pending | None
+        self, entry: Entry, at: int, memory: memoryview, bounce: memoryview | None, outputs: _OutputMemory | None
     ) -> None:
         entry.pending(+1)
         with self._lock:
             self._queued += 1
-        self._jobs.put((entry, at, memory, bounce, pending))
+        self._jobs.put((entry, at, memory, bounce, outputs))
 
     def _bounce(self) -> memoryview:
         with self._lock:
@@ -528,7 +550,7 @@ class _Writer:
 
     def _run(self) -> None:
         while True:
-            entry, at, memory, bounce, pending = self._jobs.get()
+            entry, at, memory, bounce, outputs = self._jobs.get()
             try:
                 assert entry.direct is not None
                 _pwrite_all(entry.direct, memory, at)
@@ -539,8 +561,8 @@ class _Writer:
                 del memory
                 if bounce is not None:
                     self._free.put(bounce)
-                if pending is not None:
-                    pending.change(-1)
+                if outputs is not None:
+                    outputs.written()
                 entry.pending(-1)
                 with self._lock:
                     self._queued -= 1
@@ -670,10 +692,17 @@ class CachingSource(Source):
         self.local: LocalSource | None = None  # a file of huggingface_hub's cache
         self.entry: Entry | None = None
         self._pinned: str | None = None
+        self.outputs = _OutputMemory()  # the host outputs of this source's loads in progress
 
     @property
     def aligned_destinations(self) -> bool:  # type: ignore[override]
         return self.entry is not None and self.entry.writing and self.entry.direct is not None
+
+    def hold_outputs(self, ranges: list[tuple[int, int]]) -> None:
+        self.outputs.hold(ranges)
+
+    def release_outputs(self, ranges: list[tuple[int, int]]) -> None:
+        self.outputs.release(ranges)
 
     @property
     def version_is_global(self) -> bool:  # type: ignore[override]
@@ -833,7 +862,6 @@ class _CachedStream:
         self._position = self._current[0] if self._current else 0
         self._inner: ByteStream | None = None
         self._written: list[tuple[int, int]] = []
-        self._pending = _Pending()  # writes made from the caller's memory: done before close returns
 
     def readinto(self, buffer: memoryview) -> int:
         while self._current is not None and self._position >= self._current[1]:
@@ -867,7 +895,7 @@ class _CachedStream:
         if not self._entry.writing:
             return  # another load writes this entry right now: it will hold these bytes
         try:
-            self._written += _background()[0].write(self._entry, offset, view, self._pending)
+            self._written += _background()[0].write(self._entry, offset, view, self._source.outputs)
         except OSError as exc:
             logger.warning("cache: could not write to %s: %s", self._entry.folder, exc)
 
@@ -880,7 +908,6 @@ class _CachedStream:
         try:
             self._finish_inner(reusable=reusable and self._current is not None and self._position >= self._current[1])
         finally:
-            self._pending.wait()  # the caller's memory may be handed out, reused or freed once this returns
             try:
                 self._entry.record(self._written)  # written (or copied for the writer) before this returns
             except OSError as exc:

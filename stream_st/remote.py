@@ -152,9 +152,14 @@ class RemoteFile:
             await self._fetch_to_device(wants, buffers, device, landed, gap, progress)
         else:
             views = {name: out.view() for name, out in outputs.items()}
-            await self.engine.fetch(
-                self.source, wants, lambda key: views[str(key)], landed, max_gap=gap, progress=progress
-            )
+            memory = [(o.buffer.data_ptr(), o.buffer.data_ptr() + o.buffer.numel()) for o in outputs.values()]
+            self.source.hold_outputs(memory)
+            try:
+                await self.engine.fetch(
+                    self.source, wants, lambda key: views[str(key)], landed, max_gap=gap, progress=progress
+                )
+            finally:  # writes from the outputs' memory are done before they are returned or freed
+                await off_loop(self.source.release_outputs, memory)
         self.source.check_unchanged()
         await check.finish()
         return outputs

@@ -76,6 +76,13 @@ class Source(ABC):
     def check_unchanged(self) -> None:  # noqa: B027 - optional hook; most sources check on every request
         """Raise ObjectChangedError if the object is known to have changed since ``probe``."""
 
+    def hold_outputs(self, ranges: list[tuple[int, int]]) -> None:  # noqa: B027 - optional hook
+        """A load's host outputs (address ranges) stay put until ``release_outputs``: a source that keeps a
+        copy of what it reads (cache.py) may write it from there."""
+
+    def release_outputs(self, ranges: list[tuple[int, int]]) -> None:  # noqa: B027 - optional hook
+        """Called before the outputs of ``hold_outputs`` are returned or freed; waits until none is in use."""
+
     def mapped(self, start: int, end: int) -> Any | None:
         """After ``probe``: a copy-on-write map of a local file holding the object's bytes at their own
         offsets, if bytes [start, end) are all in it (mapping.py); else None (read them)."""
