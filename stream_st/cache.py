@@ -365,6 +365,10 @@ class Entry:
         with self._mutex:
             return _segments(self._have, start, end)
 
+    def holds_any(self) -> bool:
+        with self._mutex:
+            return bool(self._have)
+
     def mapped(self, start: int, end: int) -> Any | None:
         """The data file mapped copy-on-write (made once), if bytes [start, end) are all in it. Safe to
         hand out as tensor memory: a recorded range is never rewritten, and replacing or evicting an entry
@@ -697,6 +701,10 @@ class CachingSource(Source):
     @property
     def aligned_destinations(self) -> bool:  # type: ignore[override]
         return self.entry is not None and self.entry.writing and self.entry.direct is not None
+
+    @property
+    def maps_files(self) -> bool:  # type: ignore[override]
+        return self.local is not None or (self.entry is not None and self.entry.holds_any())
 
     def hold_outputs(self, ranges: list[tuple[int, int]]) -> None:
         self.outputs.hold(ranges)

@@ -152,7 +152,7 @@ class RemoteFile:
             await self._fetch_to_device(wants, buffers, device, landed, gap, progress)
         else:
             views = {name: out.view() for name, out in outputs.items()}
-            memory = [(o.buffer.data_ptr(), o.buffer.data_ptr() + o.buffer.numel()) for o in outputs.values()]
+            memory = self._held_for_writes(outputs)
             self.source.hold_outputs(memory)
             try:
                 await self.engine.fetch(
@@ -163,6 +163,15 @@ class RemoteFile:
         self.source.check_unchanged()
         await check.finish()
         return outputs
+
+    def _held_for_writes(self, outputs: Mapping[str, OutputTensor]) -> list[tuple[int, int]]:
+        """The memory of the large outputs, where a cache entry being written may take whole blocks from."""
+        from .sinks import ALIGN_FROM
+
+        if not self.source.aligned_destinations:
+            return []
+        buffers = (out.buffer for out in outputs.values() if out.buffer.numel() >= ALIGN_FROM)
+        return [(buffer.data_ptr(), buffer.data_ptr() + buffer.numel()) for buffer in buffers]
 
     def _allocate(
         self,
@@ -254,7 +263,7 @@ class RemoteFile:
         from .sinks import output_tensor
 
         mode = self.engine.config.memory_map
-        if mode == "never" or (mode == "cache" and isinstance(self.source, LocalSource)):
+        if mode == "never" or not self.source.maps_files or (mode == "cache" and isinstance(self.source, LocalSource)):
             return {}
         outputs: dict[str, OutputTensor] = {}
         for name in names:

@@ -48,6 +48,7 @@ class Source(ABC):
     size: int | None = None
     version: str | None = None
     ranges: bool = True
+    maps_files = False  # whether ``mapped`` may return a map (else loads need not ask, tensor by tensor)
     # Whether host destinations should be block-aligned like the object (a cache entry being written: its
     # whole blocks then go to disk straight from them).
     aligned_destinations = False
@@ -233,6 +234,7 @@ class LocalSource(Source):
     """
 
     version_is_global = False
+    maps_files = True
 
     def __init__(self, url: str) -> None:
         where = Location.parse(url)
