@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -106,6 +107,8 @@ class Config:
     memory_map: str = "cache"
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _typed(f.name, getattr(self, f.name)))
         positive = (
             "max_concurrency",
             "part_size",
@@ -131,6 +134,7 @@ class Config:
             raise ConfigError(f"config cache_max_bytes must be > 0 or None, got {self.cache_max_bytes!r}")
         if self.cache_dir is not None:
             object.__setattr__(self, "cache_dir", os.fspath(self.cache_dir) or None)  # a Path is welcome
+        object.__setattr__(self, "_given", frozenset())  # set by __init__ (below): the fields passed explicitly
         if self.memory_map not in MEMORY_MAP_CHOICES:
             raise ConfigError(f"config memory_map must be one of {MEMORY_MAP_CHOICES}, got {self.memory_map!r}")
         if self.timeout is not None and self.timeout <= 0:
@@ -160,7 +164,49 @@ class Config:
         if unknown:
             valid = ", ".join(f.name for f in dataclasses.fields(self))
             raise ConfigError(f"unknown option(s) {', '.join(sorted(unknown))}; valid options: {valid}")
-        return dataclasses.replace(self, **changes)
+        copy = dataclasses.replace(self, **changes)
+        object.__setattr__(copy, "_given", self.given() | set(changes))
+        return copy
+
+    def given(self) -> frozenset[str]:
+        """The fields set explicitly (as arguments, or by ``replace``), which beat the environment."""
+        given: frozenset[str] = getattr(self, "_given", frozenset())
+        return given
+
+
+_dataclass_init = Config.__init__
+
+
+def _init(self: Config, *args: Any, **kwargs: Any) -> None:
+    _dataclass_init(self, *args, **kwargs)
+    names = [f.name for f in dataclasses.fields(Config)]
+    object.__setattr__(self, "_given", frozenset(names[: len(args)]) | frozenset(kwargs))
+
+
+Config.__init__ = _init  # type: ignore[method-assign]  # remembers which fields were given
+
+
+def _typed(name: str, value: Any) -> Any:
+    """``value`` as the type of field ``name`` (an int for an integer field, also from numpy), else ConfigError:
+    ``Config(part_size=1.5)`` or ``Config(direct_http="no")`` would otherwise surface deep inside a load."""
+    if value is None and name in _OPTIONAL_FIELDS:
+        return value
+    if name in _BOOL_FIELDS:
+        ok, expected = isinstance(value, bool), "True or False"
+    elif name in _FLOAT_FIELDS:
+        ok, expected = isinstance(value, numbers.Real) and not isinstance(value, bool), "a number"
+        value = float(value) if ok else value
+    elif name == "cache_dir":
+        ok, expected = isinstance(value, str | os.PathLike), "a path"
+    elif name == "memory_map":
+        ok, expected = isinstance(value, str), "a string"
+    else:
+        ok, expected = isinstance(value, numbers.Integral) and not isinstance(value, bool), "an integer"
+        value = int(value) if ok else value
+    if not ok:
+        optional = " or None" if name in _OPTIONAL_FIELDS else ""
+        raise ConfigError(f"config {name} must be {expected}{optional}, got {value!r}")
+    return value
 
 
 def _boolean(raw: str) -> bool:
@@ -178,8 +224,11 @@ _FLOAT_FIELDS = frozenset({"backoff_base", "backoff_max", "stall_timeout", "conn
 
 
 def resolve(config: Config | None, options: Mapping[str, Any]) -> Config:
-    """The config of one call: ``options`` over ``config`` over the environment."""
-    base = config if config is not None else Config.from_env()
+    """The config of one call, field by field: ``options`` over the fields ``config`` was given over the
+    environment (``STREAM_ST_*``) over the defaults."""
+    base = Config.from_env()
+    if config is not None:
+        base = base.replace(**{name: getattr(config, name) for name in config.given()})
     return base.replace(**options) if options else base
 
 
