@@ -1,7 +1,8 @@
 """Which ``Source`` reads a URL: the one place where a URL's scheme picks its source class.
 
-Apart from ``sources`` (the interface and the plain sources), ``cloud`` (the signed object-store sources, which
-build on ``sources``) and ``azure`` (which builds on ``cloud``), so none of those imports another back.
+It lives in a module of its own, above ``sources`` (the interface and the plain sources), ``cloud`` (the signed
+object-store sources, built on ``sources``) and ``azure`` (built on ``cloud``), so that none of those imports
+another back.
 """
 
 from __future__ import annotations
