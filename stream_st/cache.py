@@ -58,7 +58,7 @@ _SMALL_PROBE = 8
 # the aligned-buffer path to pay.
 _WRITE_NOW_BELOW = (1 << 20) + 1
 _WRITER_THREADS = 2
-_BLOCK = 4096  # O_DIRECT alignment of offsets, lengths and memory
+BLOCK = 4096  # O_DIRECT alignment of offsets, lengths and memory
 _BOUNCE = 8 << 20  # the engine's largest chunk
 _BOUNCES = 8  # aligned buffers queued for the writer threads (64 MiB): loads wait for one when all are taken
 _DIRECT = True  # tests switch it off to cover the buffered path
@@ -380,7 +380,7 @@ class Entry:
                 from .mapping import map_file
 
                 self._mapping = map_file(self.data, self.size)
-            return self._mapping
+            return self._mapping or None  # False: the system refused to map it
 
     def cached_prefix(self, length: int) -> bytes:
         """The object's first bytes, up to ``length``, as far as the cache holds them contiguously."""
@@ -440,7 +440,7 @@ def _address(view: memoryview) -> int:
 
 
 def _round_up(n: int) -> int:
-    return -(-n // _BLOCK) * _BLOCK
+    return -(-n // BLOCK) * BLOCK
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
@@ -519,14 +519,14 @@ class _Writer:
         them); the whole blocks are recorded by the writer threads when written, from ``view`` itself if it
         lies in ``outputs`` aligned like the file."""
         end = offset + len(view)
-        first, last = _round_up(offset), end // _BLOCK * _BLOCK
-        if entry.direct is None or len(view) < _WRITE_NOW_BELOW or last - first < _BLOCK:
+        first, last = _round_up(offset), end // BLOCK * BLOCK
+        if entry.direct is None or len(view) < _WRITE_NOW_BELOW or last - first < BLOCK:
             _pwrite_all(entry.data, view, offset)
             return [(offset, end)]
         _pwrite_all(entry.data, view[: first - offset], offset)
         _pwrite_all(entry.data, view[last - offset :], last)
         blocks = view[first - offset : last - offset]
-        if outputs is not None and not blocks.readonly and _address(blocks) % _BLOCK == 0 and outputs.take(blocks):
+        if outputs is not None and not blocks.readonly and _address(blocks) % BLOCK == 0 and outputs.take(blocks):
             self._queue(entry, first, blocks, None, outputs)  # no copy: the memory is aligned like the file
             return [(offset, first), (last, end)]
         at = first

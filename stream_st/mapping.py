@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import mmap
 import os
 import weakref
@@ -23,18 +24,21 @@ _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
 _libc.munmap.restype = ctypes.c_int
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _MAP_FAILED = ctypes.c_void_p(-1).value
+logger = logging.getLogger(__name__)
 
 
 def map_file(fd: int, size: int) -> Any:
     """The first ``size`` bytes of the file open as ``fd``, mapped copy-on-write: a writable buffer
-    (``torch.frombuffer`` shares it) that unmaps itself when the last object using it is gone.
+    (``torch.frombuffer`` shares it) that unmaps itself when the last object using it is gone. False if the
+    system refuses the map (a file system without mmap, no address space): the caller then reads the bytes.
     The descriptor may be closed afterwards."""
     if size <= 0:
         raise ValueError("nothing to map")
     address = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE, fd, 0)
     if address is None or address == _MAP_FAILED:
         code = ctypes.get_errno() or errno.ENOMEM
-        raise OSError(code, f"mmap of {size} bytes failed: {os.strerror(code)}")
+        logger.debug("mmap of %d bytes refused (%s): reading instead", size, os.strerror(code))
+        return False
     buffer = (ctypes.c_char * size).from_address(address)
     weakref.finalize(buffer, _libc.munmap, address, size)
     return buffer

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .cache import BLOCK  # the alignment of the cache's O_DIRECT writes
 from .dtypes import to_torch, torch_shape
 from .errors import UnsupportedDtypeError
 from .header import TensorInfo
 
-BLOCK = 4096  # the file system block O_DIRECT writes align to (cache.py)
 ALIGN_FROM = 1 << 20  # smaller outputs are written to the cache with plain writes anyway
 
 

@@ -290,7 +290,7 @@ class LocalSource(Source):
                 self._mapping = map_file(fd, self.size)
             finally:
                 _open_files.done(self)
-        return self._mapping
+        return self._mapping or None  # False: the system refused to map it
 
     def check_unchanged(self) -> None:
         fd = _open_files.use(self)

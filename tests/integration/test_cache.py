@@ -3,6 +3,8 @@ offline mode, the LRU cap, huggingface_hub's cache, and the CLI, against the rea
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import mmap
 import os
@@ -119,6 +121,26 @@ def test_a_cached_load_without_maps_reads_with_preadv(
         prefix = 256 * 1024  # header_prefetch: the first bytes come with the header, as from the network
         assert sum(calls) == (root / NAME).stat().st_size - prefix  # every other byte straight into its tensor
         assert {mapping_of(t) for t in got.values() if t.numel()} == {None}
+
+
+def test_a_refused_map_reads_the_bytes_instead(
+    http: RangeServer, root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stream_st import mapping
+
+    load(http.url(NAME), tmp_path)
+    calls: list[int] = []
+
+    def refusing(*args: Any) -> int | None:
+        calls.append(1)
+        ctypes.set_errno(errno.ENODEV)  # as a file system without mmap answers
+        return mapping._MAP_FAILED
+
+    monkeypatch.setattr(mapping._libc, "mmap", refusing)
+    for got in (load(http.url(NAME), tmp_path), sst.load_file(root / NAME, backend="mmap")):
+        assert_same(got, reference(root))
+        assert {mapping_of(t) for t in got.values() if t.numel()} == {None}
+    assert len(calls) == 2  # once per file, not once per tensor
 
 
 def test_writes_to_mapped_tensors_stay_in_the_process(http: RangeServer, root: Path, tmp_path: Path) -> None:
